@@ -373,29 +373,12 @@ def cast(
 # ---- codes --------------------------------------------------------------------------------------------------
 
 
-def _encode_float32(values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Codes of float32 values that are already on the format's grid (see :func:`encode`)."""
-    bits = values.view(torch.int32)
-    magnitude = bits & 0x7FFFFFFF
-    m, bias, sub_scale, magnitude_bits, nan_code, inf_code, is_int, signed = (params[i] for i in range(8))
-    # Normal values: drop the mantissa bits the format lacks and re-bias the exponent field.
-    normal = (magnitude >> (23 - m)) - ((127 - bias) << m)
-    # Subnormal values: the count of smallest subnormals (an exact power-of-two scaling).
-    subnormal = (values.abs() * sub_scale.to(torch.float32)).to(torch.int32)
-    min_normal_bits = torch.where(sub_scale > 0, (127 - bias + 1) << 23, torch.zeros_like(bias))
-    code = torch.where(magnitude < min_normal_bits, subnormal, normal)
-    code = torch.where(magnitude > 0x7F800000, nan_code, torch.where(magnitude == 0x7F800000, inf_code, code))
-    sign = torch.where((bits < 0) & (signed != 0), 1 << magnitude_bits, 0)
-    float_code = code | sign
-    int_code = values.to(torch.int32) & ((1 << (magnitude_bits + signed)) - 1)
-    return torch.where(is_int != 0, int_code, float_code).to(torch.uint8)
-
-
-_encode_float32_fast = _kernel.fast(_encode_float32)
+_encode_fast = _kernel.fast(_kernel.encode_rounded)
 
 
 @functools.cache
-def _encode_params(fmt: Format) -> torch.Tensor:
+def encode_params(fmt: Format) -> torch.Tensor:
+    """The parameter vector :func:`fewbit.kernels.cast.encode_rounded` reads for ``fmt``."""
     magnitude_bits = fmt.ebits + fmt.mbits
     top = ((1 << fmt.ebits) - 1) << fmt.mbits
     nan_code = {NanEncoding.IEEE: top | (1 << max(fmt.mbits - 1, 0)),
@@ -432,7 +415,7 @@ def encode(
                              "remove them or choose a format with NaN (fp8_e4m3, fp8_e5m2)")
     if rounded.numel() == 0:
         return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    return _encode_float32_fast(rounded.contiguous(), _encode_params(fmt).to(x.device))
+    return _encode_fast(rounded.contiguous(), encode_params(fmt).to(x.device))
 
 
 def decode(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:

@@ -173,6 +173,25 @@ def round_bits(
     return torch.where(nan_out, (bits & src.sign_bit) | src.qnan_bits, sign | rounded)
 
 
+def encode_rounded(values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+    """Codes (uint8) of float32 values already on a format's grid; ``params`` from ``formats.encode_params``."""
+    bits = values.view(torch.int32)
+    magnitude = bits & 0x7FFFFFFF
+    m, bias, sub_scale, magnitude_bits, nan_code, inf_code, is_int, signed = (params[i] for i in range(8))
+    # Normal values: drop the mantissa bits the format lacks and re-bias the exponent field.
+    normal = (magnitude >> (23 - m)) - ((127 - bias) << m)
+    # Subnormal values: the count of smallest subnormals (an exact power-of-two scaling).
+    subnormal = (values.abs() * sub_scale.to(torch.float32)).to(torch.int32)
+    min_normal_bits = torch.where(sub_scale > 0, (127 - bias + 1) << 23, torch.zeros_like(bias))
+    code = torch.where(magnitude < min_normal_bits, subnormal, normal)
+    code = torch.where(magnitude > 0x7F800000, nan_code, torch.where(magnitude == 0x7F800000, inf_code, code))
+    sign = torch.where((bits < 0) & (signed != 0), 1 << magnitude_bits, 0)
+    float_code = code | sign
+    # Integers: two's complement in the low bits.
+    int_code = values.to(torch.int32) & ((1 << (magnitude_bits + signed)) - 1)
+    return torch.where(is_int != 0, int_code, float_code).to(torch.uint8)
+
+
 @functools.cache
 def round_bits_kernel(rounding: Rounding, src: SourceLayout, overflow: Overflow) -> Callable:
     """:func:`round_bits` specialised to one rounding, source layout and overflow rule, compiled.
