@@ -287,7 +287,7 @@ def _prepare(x: torch.Tensor, spec: str | QuantSpec, overrides: dict, generator,
 
 
 def _float_scale(xg: torch.Tensor, spec: QuantSpec, history: AmaxHistory | None) -> torch.Tensor:
-    amax = xg.abs().amax(dim=1, keepdim=True)
+    amax = quantize_kernel.row_amax(xg.view(torch.int32))  # NaN rows give a NaN amax, hence a NaN scale
     scaling = spec.scaling
     if isinstance(scaling, PerTensor) and scaling.delayed:
         if history is None:
@@ -338,7 +338,7 @@ def fake_quantize(x: torch.Tensor, spec: str | QuantSpec, *, history: AmaxHistor
     spec, lay, xg, random_bits = _prepare(x, spec, overrides, generator, "fake_quantize")
     elem_params = _element_params(spec).to(x.device)
     if spec.is_mx:
-        out = _mx_kernel(spec, fake=True)(xg, elem_params, random_bits)
+        out = _mx_kernel(spec, fake=True)(xg.view(torch.int32), elem_params, random_bits).view(torch.float32)
     else:
         scale = _float_scale(xg, spec, history)
         out = quantize_kernel.scaled_kernel(True, spec.rounding, spec.overflow)(xg, scale, elem_params, random_bits)
