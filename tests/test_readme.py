@@ -11,8 +11,9 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "the README has no python example"
-    for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+    namespace: dict = {}
+    for block in blocks:  # later blocks build on earlier ones, as a reader runs them
+        exec(compile(block, str(README), "exec"), namespace)
 
 
 def test_readme_opens_with_the_two_commands():
