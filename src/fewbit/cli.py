@@ -99,6 +99,23 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recipes(args: argparse.Namespace) -> int:
+    from fewbit import recipes
+
+    rows = [recipes.get(n) for n in recipes.names()]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=2))
+        return 0
+    table = Table(title="fewbit recipes (QuantSpec per role; '-' = high precision)", title_style="bold")
+    for col in ["recipe", "weight", "input", "grad_output", "compute", "loss scaling"]:
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r.name, *(str(s) if s is not None else "-" for s in (r.weight, r.input, r.grad_output)),
+                      r.compute_format or "fp32", r.loss_scaling)
+    _console().print(table)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewbit", description="Train, quantize, sparsify and benchmark "
                                      "neural networks in few bits.")
@@ -107,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help=f"one of: {', '.join(formats.names())}")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_formats)
+    p = sub.add_parser("recipes", help="the preset recipes and the QuantSpec each gives to each role")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_cmd_recipes)
     return parser
 
 

@@ -45,7 +45,14 @@ def quantize_operand(x: torch.Tensor, spec: QuantSpec | None, axis: int, recipe:
     """One GEMM operand: fake-quantized by ``spec`` along ``axis``, or rounded to the recipe's compute format."""
     if spec is None:
         return cast(x, recipe.compute_format) if recipe.compute_format else x
+    if history is None and isinstance(spec.scaling, PerTensor) and spec.scaling.delayed:
+        spec = current_scaling(spec)  # an operand without its own history (re-quantized for backward)
     return fake_quantize(x, along(spec, axis), history=history)
+
+
+@functools.lru_cache(maxsize=256)
+def current_scaling(spec: QuantSpec) -> QuantSpec:
+    return spec.replace(delayed=False)
 
 
 def _per_tensor(spec: QuantSpec | None) -> bool:
@@ -67,6 +74,9 @@ class _State:
         for role, spec in recipe.specs().items():
             if spec is not None and isinstance(spec.scaling, PerTensor) and spec.scaling.delayed:
                 self.histories[role] = AmaxHistory(spec.scaling.history_len, spec.scaling.algo)
+        if "input" in self.histories:  # QMatmul's second activation operand keeps its own history
+            spec = recipe.input
+            self.histories["input_b"] = AmaxHistory(spec.scaling.history_len, spec.scaling.algo)
 
     def history(self, role: str) -> AmaxHistory | None:
         return self.histories.get(role)
@@ -125,23 +135,26 @@ class QMatmulFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a, b, recipe: Recipe, state: _State):
-        aq = quantize_operand(a, recipe.input, -1, recipe)
-        bq = quantize_operand(b, recipe.input, -2, recipe)
-        ctx.save_for_backward(a, b)
-        ctx.recipe = recipe
+        aq = quantize_operand(a, recipe.input, -1, recipe, state.history("input"))
+        bq = quantize_operand(b, recipe.input, -2, recipe, state.history("input_b"))
+        ctx.save_for_backward(a, b, aq, bq)
+        ctx.recipe, ctx.state = recipe, state
         return aq @ bq
 
     @staticmethod
     def backward(ctx, dy):
-        a, b = ctx.saved_tensors
+        a, b, aq, bq = ctx.saved_tensors
         recipe = ctx.recipe
         g, i = recipe.grad_output, recipe.input_backward
+        reuse = i == recipe.input and _per_tensor(i)
+        dyq_n = quantize_operand(dy, g, -1, recipe, ctx.state.history("grad_output"))
+        dyq_m = dyq_n if _per_tensor(g) else quantize_operand(dy, g, -2, recipe)
         da = db = None
         if ctx.needs_input_grad[0]:  # dA = dY B^T: reduction over N (last axis of dY and of B)
-            da = quantize_operand(dy, g, -1, recipe) @ quantize_operand(b, i, -1, recipe).transpose(-1, -2)
+            da = dyq_n @ (bq if reuse else quantize_operand(b, i, -1, recipe)).transpose(-1, -2)
             da = da.sum_to_size(a.shape)
         if ctx.needs_input_grad[1]:  # dB = A^T dY: reduction over M (second-to-last axis of A and of dY)
-            db = quantize_operand(a, i, -2, recipe).transpose(-1, -2) @ quantize_operand(dy, g, -2, recipe)
+            db = (aq if reuse else quantize_operand(a, i, -2, recipe)).transpose(-1, -2) @ dyq_m
             db = db.sum_to_size(b.shape)
         return da, db, None, None
 
