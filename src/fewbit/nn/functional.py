@@ -82,11 +82,49 @@ class _State:
         return self.histories.get(role)
 
 
+def scaled_mm_available(x: torch.Tensor, recipe: Recipe) -> bool:
+    """Whether the forward GEMM can run as a real FP8 GEMM (``torch._scaled_mm``): CUDA sm89+, per-tensor
+    fp8_e4m3 (or e5m2) scaling of both operands. Disable with ``FEWBIT_SCALED_MM=0``."""
+    import os
+
+    if not x.is_cuda or os.environ.get("FEWBIT_SCALED_MM", "1") == "0" or not hasattr(torch, "_scaled_mm"):
+        return False
+    specs = (recipe.input, recipe.weight)
+    if any(s is None or not isinstance(s.scaling, PerTensor) or s.format.name not in _FP8_DTYPES for s in specs):
+        return False
+    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+
+
+_FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+
+
+def scaled_mm_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
+                     state: _State) -> torch.Tensor:
+    """The forward GEMM on FP8 tensor cores: the same codes and scales as the emulation (its reference), the
+    products accumulated by the hardware in float32."""
+    from fewbit.qtensor import quantize
+
+    xq = quantize(x2, recipe.input, history=state.history("input"))
+    wq = quantize(weight, recipe.weight, history=state.history("weight"))
+    a = xq.qdata.view(_FP8_DTYPES[recipe.input.format.name])
+    b = wq.qdata.view(_FP8_DTYPES[recipe.weight.format.name]).t()  # column-major (K, N), as _scaled_mm wants
+    return torch._scaled_mm(a, b, scale_a=xq.scale.float().reshape(()), scale_b=wq.scale.float().reshape(()),
+                            bias=bias, out_dtype=torch.float32)
+
+
 class QLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, recipe: Recipe, state: _State, weight_q: torch.Tensor | None):
         x2 = x.reshape(-1, x.shape[-1])
         in_mask = _clip_mask(x2, recipe.input, state.history("input"))
+        if weight_q is None and scaled_mm_available(x2, recipe) and x2.shape[-1] % 16 == 0 \
+                and weight.shape[0] % 16 == 0:
+            # Real FP8 GEMM; the backward re-quantizes from the saved high-precision tensors as usual.
+            y = scaled_mm_linear(x2, weight, bias, recipe, state)
+            xq = weight_q = None
+            ctx.save_for_backward(x2, weight, xq, weight_q, in_mask)
+            ctx.recipe, ctx.state, ctx.x_shape, ctx.has_bias = recipe, state, x.shape, bias is not None
+            return y.reshape(*x.shape[:-1], weight.shape[0])
         xq = quantize_operand(x2, recipe.input, -1, recipe, state.history("input"))
         if weight_q is None:
             weight_q = quantize_operand(weight, recipe.weight, 1, recipe, state.history("weight"))
@@ -106,7 +144,7 @@ class QLinearFunction(torch.autograd.Function):
         dyq_t = dyq_n if _per_tensor(g_spec) else quantize_operand(dy2, g_spec, 0, recipe)
         if ctx.needs_input_grad[0]:
             w_spec = recipe.weight_backward
-            wq_n = weight_q if w_spec == recipe.weight and _per_tensor(w_spec) else \
+            wq_n = weight_q if weight_q is not None and w_spec == recipe.weight and _per_tensor(w_spec) else \
                 quantize_operand(weight, w_spec, 0, recipe)
             dx = dyq_n @ wq_n
             if in_mask is not None:
@@ -114,7 +152,8 @@ class QLinearFunction(torch.autograd.Function):
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             i_spec = recipe.input_backward
-            xq_t = xq if i_spec == recipe.input and _per_tensor(i_spec) else quantize_operand(x2, i_spec, 0, recipe)
+            reuse = xq is not None and i_spec == recipe.input and _per_tensor(i_spec)
+            xq_t = xq if reuse else quantize_operand(x2, i_spec, 0, recipe)
             dw = dyq_t.t() @ xq_t
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
