@@ -1,0 +1,8 @@
+"""Training in any precision: the loop, loss scalers, checkpoints and gradient statistics."""
+
+from fewbit.train.checkpoint import CheckpointError
+from fewbit.train.loop import TrainResult, shard, train
+from fewbit.train.scaler import DynamicScaler, LogMaxScaler, LossScaleCollapse, StaticScaler
+
+__all__ = ["CheckpointError", "DynamicScaler", "LogMaxScaler", "LossScaleCollapse", "StaticScaler", "TrainResult",
+           "shard", "train"]

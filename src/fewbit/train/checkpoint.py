@@ -1,0 +1,184 @@
+"""Checkpoints: tensors in safetensors, everything else in JSON, written atomically, last N kept; no pickle.
+
+A checkpoint is a folder ``step-00001234`` holding ``tensors.safetensors`` (model, master weights, optimizer
+tensors, torch RNG state) and ``state.json`` (step, scaler, schedule, optimizer hyper-parameters, Python and NumPy
+RNG states, the model's signature and the config). It is written into a temporary folder, every file fsync'ed,
+then renamed into place, so a crash leaves either the old set of checkpoints or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+PREFIX = "step-"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, corrupted, or does not match the model or config."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state_dict -> (tensors by flat name, JSON-able rest)."""
+    tensors, plain = {}, {}
+    for pid, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{pid}.{key}"] = value.detach().contiguous().cpu()
+            else:
+                plain.setdefault(str(pid), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    for pid, entries in meta["plain"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def model_signature(model: torch.nn.Module) -> dict[str, list[int]]:
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def save(directory: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         extra_tensors: dict[str, torch.Tensor], state: dict, keep_last: int = 3) -> Path:
+    """Write checkpoint ``step`` under ``directory`` atomically; delete all but the newest ``keep_last``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    tensors.update(opt_tensors)
+    tensors.update({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()})
+    tensors["rng.torch"] = torch.get_rng_state()
+    full_state = {
+        "format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta,
+        "rng_python": _python_rng(), "rng_numpy": _numpy_rng(), "signature": model_signature(model), **state,
+    }
+    tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
+    try:
+        save_file(_dedupe_storage(tensors), tmp / "tensors.safetensors")
+        (tmp / "state.json").write_text(json.dumps(full_state))
+        for f in tmp.iterdir():
+            with open(f, "rb+") as fh:
+                os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        final = directory / f"{PREFIX}{step:08d}"
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(directory)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _dedupe_storage(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): store a copy of each repeat."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for name, t in tensors.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else (id(t), 0)
+        out[name] = t.clone() if key in seen else t
+        seen.add(key)
+    return out
+
+
+def _python_rng() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _numpy_rng() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the global state users rely on
+    return {"kind": kind, "keys": keys.tolist(), "pos": int(pos), "has_gauss": int(has_gauss),
+            "cached": float(cached)}
+
+
+def restore_rng(state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    version, internal, gauss = state["rng_python"]
+    random.setstate((version, tuple(internal), gauss))
+    r = state["rng_numpy"]
+    np.random.set_state(  # noqa: NPY002 - the global state users rely on
+        (r["kind"], np.array(r["keys"], dtype=np.uint32), r["pos"], r["has_gauss"], r["cached"]))
+    torch.set_rng_state(tensors["rng.torch"])
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints under ``directory``, oldest first (temporary folders are ignored)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+
+
+def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read one checkpoint folder; a missing, truncated or corrupted file raises :class:`CheckpointError`."""
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text())
+        tensors = load_file(path / "tensors.safetensors")
+    except FileNotFoundError as error:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {error.filename} is missing") from None
+    except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(error).__name__}: {error}); "
+                              "resume from an earlier one") from None
+    if state.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format version {state.get('format_version')}; this fewbit "
+                              f"reads version {FORMAT_VERSION}")
+    return tensors, state
+
+
+def load_latest_valid(directory: str | os.PathLike) -> tuple[Path, dict[str, torch.Tensor], dict] | None:
+    """The newest checkpoint that loads; broken newer ones are reported with a warning and skipped."""
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            tensors, state = load(path)
+        except CheckpointError as error:
+            warnings.warn(f"skipping unusable checkpoint: {error}", RuntimeWarning, stacklevel=2)
+            continue
+        return path, tensors, state
+    return None
+
+
+def check_compatible(state: dict, model: torch.nn.Module, config: dict) -> None:
+    """Raise :class:`CheckpointError` naming the first difference between the checkpoint and this run."""
+    signature = model_signature(model)
+    saved = state["signature"]
+    for name in sorted(set(saved) | set(signature)):
+        if saved.get(name) != signature.get(name):
+            raise CheckpointError(f"the checkpoint's model differs at {name!r}: saved {saved.get(name)}, this "
+                                  f"model {signature.get(name)}")
+    saved_config = state.get("config", {})
+    for key in sorted(set(saved_config) | set(config)):
+        if key in ("steps", "checkpoint_dir", "progress", "log_path", "mllog_path", "resume"):
+            continue  # a run may be extended or logged elsewhere
+        if saved_config.get(key) != config.get(key):
+            raise CheckpointError(f"the checkpoint's config differs at {key!r}: saved {saved_config.get(key)!r}, "
+                                  f"this run {config.get(key)!r}")
