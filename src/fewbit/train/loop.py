@@ -159,6 +159,9 @@ def train(
 
     autocast = _autocast(policy, device)
     stats = GradientStatistics(model) if grad_stats_every else None
+    for path in (log_path, mllog_path):
+        if path and rank == 0:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     log = open(log_path, "a") if log_path and rank == 0 else None
     mllogger = _mllogger(mllog_path, run_config) if mllog_path and rank == 0 else None
     result = TrainResult(step=start_step)
