@@ -293,7 +293,7 @@ DDP_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_train import make_model, data, mse
     from fewbit.train import train
-    out, inject = sys.argv[1], sys.argv[2] == "1"
+    out, inject, parallel = sys.argv[1], sys.argv[2] == "1", sys.argv[3]
     model = make_model(0)
     state = {{"step": 0}}
     def loss_fn(m, batch):
@@ -305,19 +305,21 @@ DDP_SCRIPT = textwrap.dedent("""
     def on_step(step, m):
         state["step"] = step
     sgd = lambda p: torch.optim.SGD(p, lr=0.05)
-    result = train(model, sgd, data, loss_fn, steps=8, loss_scaling="dynamic", progress=False, on_step=on_step)
+    result = train(model, sgd, data, loss_fn, steps=8, loss_scaling="dynamic", progress=False, on_step=on_step,
+                   parallel=parallel)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    torch.save(model.state_dict(), f"{{out}}.{{rank}}.pt")
+    state = {{k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in model.state_dict().items()}}
+    torch.save(state, f"{{out}}.{{rank}}.pt")
     json.dump({{"skipped": result.skipped_steps}}, open(f"{{out}}.{{rank}}.json", "w"))
 """)
 
 
-def run_torchrun(tmp_path: Path, nproc: int, inject: bool, name: str) -> None:
+def run_torchrun(tmp_path: Path, nproc: int, inject: bool, name: str, parallel: str = "ddp") -> None:
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT.format(tests=str(ROOT / "tests")))
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script),
-           str(tmp_path / name), "1" if inject else "0"]
+           str(tmp_path / name), "1" if inject else "0", parallel]
     started = time.time()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:] + f" after {time.time() - started:.0f}s"
@@ -337,3 +339,13 @@ def test_ddp_two_processes_match_one_and_share_overflow_decisions(tmp_path):
     a, b = torch.load(tmp_path / "inject.0.pt"), torch.load(tmp_path / "inject.1.pt")
     for k in a:
         assert torch.equal(a[k], b[k])
+
+
+def test_fsdp_two_processes_match_one(tmp_path):
+    run_torchrun(tmp_path, 1, False, "single")
+    run_torchrun(tmp_path, 2, False, "fsdp", parallel="fsdp")
+    single = torch.load(tmp_path / "single.0.pt")
+    for rank in (0, 1):
+        sharded = torch.load(tmp_path / f"fsdp.{rank}.pt")
+        for k in single:
+            torch.testing.assert_close(sharded[k], single[k], rtol=1e-4, atol=1e-5)

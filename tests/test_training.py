@@ -139,7 +139,7 @@ def test_mlp_mxfp4_learns(mlp_setup, mlp_fp32, record_property):
 
 VOCAB, HALF, NOISE = 16, 8, 0.2  # token 0 is the separator; the prefix and the noise use tokens 1..VOCAB-1
 D_MODEL, HEADS = 64, 4
-LM_STEPS, LM_BATCH, LM_LR = 150, 32, 3e-3
+LM_STEPS, LM_BATCH, LM_LR = 150, 16, 3e-3
 
 
 class Block(nn.Module):

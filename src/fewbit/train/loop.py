@@ -112,6 +112,7 @@ def train(
     progress: bool = True,
     config: dict | None = None,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
+    parallel: str = "ddp",
 ) -> TrainResult:
     """Train ``model`` for ``steps`` optimizer steps; see the module docstring. Returns a :class:`TrainResult`.
 
@@ -120,6 +121,8 @@ def train(
     number (static), "dynamic"/"backoff" or "logmax". ``checkpoint_dir`` with ``resume=True`` continues from the
     newest usable checkpoint there. ``config``: what this run is (recipe, hyper-parameters...), stored in
     checkpoints and compared on resume. ``on_step(step, model)``: a hook after each optimizer step.
+    ``parallel``: under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per layer with
+    parameters, then the whole model: parameters, gradients and optimizer state sharded across ranks).
     """
     if steps < 0 or grad_accum < 1:
         raise ValueError(f"steps={steps}, grad_accum={grad_accum}; need steps >= 0 and grad_accum >= 1")
@@ -135,15 +138,22 @@ def train(
     if policy == "fp16_pure":
         model.half()
         master = [torch.nn.Parameter(p.detach().float().clone()) for p in model.parameters()]
+    net = model
+    if parallel not in ("ddp", "fsdp"):
+        raise ValueError(f"unknown parallel {parallel!r}; valid: ddp, fsdp")
+    if world > 1 and parallel == "fsdp":
+        if master is not None or checkpoint_dir is not None:
+            raise ValueError("parallel='fsdp' does not yet support fp16_pure master weights or checkpoints; use "
+                             "parallel='ddp' for those")
+        _fully_shard(model)
+    elif world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
+
     params = master if master is not None else list(model.parameters())
     optimizer = optimizer_fn(params)
     schedule = lr_schedule(optimizer) if lr_schedule else None
     scaler = _scaler(loss_scaling, policy, recipe)
-
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
-                                                        else None)
 
     run_config = {"precision": recipe.name if recipe is not None else policy, "grad_accum": grad_accum,
                   "grad_clip": grad_clip, "world_size": world, **(config or {})}
@@ -181,7 +191,8 @@ def train(
                     batch = shard(data(step, micro), rank, world)
                     if policy == "fp16_pure":
                         batch = _to_half(batch)
-                    sync = contextlib.nullcontext() if world == 1 or micro == grad_accum - 1 else net.no_sync()
+                    last = world == 1 or micro == grad_accum - 1
+                    sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
                     with sync, autocast:
                         loss = loss_fn(net, batch)
                     if not loss.dim() == 0:
@@ -248,6 +259,15 @@ def train(
     if world > 1:
         dist.barrier()
     return result
+
+
+def _fully_shard(model: torch.nn.Module) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for module in list(model.modules())[1:]:
+        if any(True for _ in module.parameters(recurse=False)):
+            fully_shard(module)
+    fully_shard(model)
 
 
 def _policy(precision) -> tuple[str, _recipes.Recipe | None]:

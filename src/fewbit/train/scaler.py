@@ -137,10 +137,14 @@ def make_scaler(kind: str | float | None) -> StaticScaler | None:
 def unscale_and_check(parameters, scale: float) -> tuple[bool, float]:
     """Divide every gradient by ``scale`` in place; return (found a non-finite gradient, max |g| before
     unscaling)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
+    # Sharded (FSDP) gradients are checked on this rank's shard; the caller combines the ranks' verdicts.
+    grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in parameters if p.grad is not None]
     if not grads:
         return False, 0.0
-    norms = torch.stack([g.detach().abs().max().float() for g in grads])
+    norms = [g.detach().abs().max().float() for g in grads if g.numel()]  # a shard may be empty
+    if not norms:
+        return False, 0.0
+    norms = torch.stack(norms)
     found_inf = not bool(torch.isfinite(norms).all())
     grad_max = float(norms.max()) if not found_inf else math.inf
     if scale != 1.0:
