@@ -27,13 +27,15 @@ from fewbit import QMatmul
 
 LAST = 20  # the final loss: mean over the last LAST steps
 
-# Relative tolerances: quantized final loss <= fp32 final loss * (1 + tolerance). Measured (torch 2.13 CPU,
-# one thread) relative gaps to fp32:
-#   MLP: mxfp8 +2.1%, mxfp6 +2.5%, fp8 +0.7%   (mxfp4 +6.8%, not asserted)
-#   LM:  mxfp8 +0.0%, mxfp6 -0.1%, fp8 +0.1%   (mxfp4 +0.1%, not asserted); all runs end at the noise floor
-MLP_REL_TOL = 0.06
+# Relative tolerances: quantized final loss <= fp32 final loss * (1 + tolerance), chosen from measurement with
+# margin. Measured (torch 2.13 CPU, one thread) final losses and gaps to fp32:
+#   MLP: fp32 0.6583; mxfp8 0.6665 (+1.2%), mxfp6 0.6657 (+1.1%), fp8 0.6603 (+0.3%); mxfp4 0.6686 (+1.6%)
+#   LM:  fp32 0.9716; mxfp8 0.9698 (-0.2%), mxfp6 0.9693 (-0.2%), fp8 0.9725 (+0.1%); mxfp4 0.9684 (-0.3%)
+#        (noise floor 0.9740: every run solves the task; the last-20-step mean is a sample, so it can dip below)
+# mxfp4 is only required to learn, not held to these tolerances.
+MLP_REL_TOL = 0.05
 LM_REL_TOL = 0.03
-# "Learned": final loss below this fraction of the first step's loss (measured: MLP ~0.20, LM ~0.35).
+# "Learned": final loss below this fraction of the first step's loss (measured: MLP 0.29, LM 0.35).
 LEARNED_FRACTION = 0.5
 
 RECIPES = ["mxfp8", "mxfp6", "fp8"]
@@ -52,8 +54,10 @@ def _train(model: nn.Module, recipe: str, batches, loss_fn, lr: float) -> list[f
     """Train a deep copy of ``model`` (quantized by ``recipe`` unless fp32) with Adam; the loss of every step."""
     model = copy.deepcopy(model)
     if recipe != "fp32":
+        layers = sum(isinstance(m, nn.Linear | QMatmul) for m in model.modules())
         fewbit.quantize_(model, recipe)
-        assert all(m.recipe.name == recipe for m in model.modules() if isinstance(m, fewbit.QLinear | QMatmul))
+        quantized = [m for m in model.modules() if isinstance(m, fewbit.QLinear | QMatmul)]
+        assert len(quantized) == layers and all(m.recipe.name == recipe for m in quantized)  # QMatmul reached too
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for x, y in batches:
@@ -125,8 +129,8 @@ def test_mlp_matches_fp32(recipe, mlp_setup, mlp_fp32):
 
 
 def test_mlp_mxfp4_learns(mlp_setup, mlp_fp32, record_property):
-    """mxfp4 (fp4 weights, fp6 activations) is reported, not held to the tolerance: measured final loss 0.4838
-    against fp32 0.4531 (+6.8%), and it clearly learns (first loss 2.29)."""
+    """mxfp4 (fp4 weights, fp6 activations, fp8 gradients) is reported, not held to the tolerance. Measured: final
+    loss 0.6686 against fp32 0.6583 (+1.6%), from 2.30 at the first step: it learns."""
     model, batches = mlp_setup
     losses = _train(model, "mxfp4", batches, F.cross_entropy, MLP_LR)
     final, baseline = _check_learned(losses, "MLP mxfp4"), _final(mlp_fp32)
@@ -224,7 +228,8 @@ def test_lm_matches_fp32(recipe, lm_setup, lm_fp32):
 
 
 def test_lm_mxfp4_learns(lm_setup, lm_fp32, record_property):
-    """mxfp4 is reported, not held to the tolerance. Measured: it also reaches the noise floor here."""
+    """mxfp4 is reported, not held to the tolerance. Measured: final loss 0.9684 against fp32 0.9716 (-0.3%),
+    from 2.79 at the first step: it also reaches the noise floor (0.974)."""
     model, batches = lm_setup
     losses = _train(model, "mxfp4", batches, _lm_loss, LM_LR)
     final, baseline = _check_learned(losses, "LM mxfp4"), _final(lm_fp32)
