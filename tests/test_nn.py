@@ -16,7 +16,7 @@ import fewbit
 from fewbit import recipes
 from fewbit.cli import main
 from fewbit.nn.functional import along
-from fewbit.nn.modules import QConv2d, QLinear, QMatmul
+from fewbit.nn.modules import QConv1d, QConv2d, QLinear, QMatmul
 from fewbit.recipes import Recipe
 from fewbit.scaling import AmaxHistory, PerTensor
 
@@ -98,26 +98,30 @@ def test_qmatmul_matches_reference(name):
     assert torch.equal(bits(a.grad), bits(da)) and torch.equal(bits(b.grad), bits(db))
 
 
+@pytest.mark.parametrize("dims", [1, 2])
 @pytest.mark.parametrize("name", PRESETS)
-def test_qconv2d_matches_reference(name):
+def test_qconv_matches_reference(name, dims):
     recipe = recipes.get(name)
-    conv = nn.Conv2d(6, 10, 3, stride=1, padding=1)
+    conv_cls, q_cls = (nn.Conv1d, QConv1d) if dims == 1 else (nn.Conv2d, QConv2d)
+    conv = conv_cls(6, 10, 3, stride=1, padding=1)
+    kernel = (3,) * dims
     with torch.no_grad():
-        conv.weight.copy_(seeded(10, 6, 3, 3, seed=8) * 0.3)
-    q = QConv2d.from_float(copy.deepcopy(conv), recipe)
-    x = seeded(2, 6, 7, 7, seed=9).requires_grad_()
+        conv.weight.copy_(seeded(10, 6, *kernel, seed=8) * 0.3)
+    q = q_cls.from_float(copy.deepcopy(conv), recipe)
+    x = seeded(2, 6, *(7,) * dims, seed=9).requires_grad_()
     y = q(x)
     dy = seeded(*y.shape, seed=10)
     y.backward(dy)
     w = q.weight.detach()
+    conv_fn = F.conv1d if dims == 1 else F.conv2d
+    grad_input = torch.nn.grad.conv1d_input if dims == 1 else torch.nn.grad.conv2d_input
+    grad_weight = torch.nn.grad.conv1d_weight if dims == 1 else torch.nn.grad.conv2d_weight
     wq = ref_q(w.reshape(10, -1), recipe.weight, 1, recipe).reshape(w.shape)
-    y_ref = F.conv2d(ref_q(x.detach(), recipe.input, 1, recipe), wq, q.bias.detach(), 1, 1)
+    y_ref = conv_fn(ref_q(x.detach(), recipe.input, 1, recipe), wq, q.bias.detach(), 1, 1)
     assert torch.equal(bits(y), bits(y_ref))
     g = recipe.grad_output
-    dx = torch.nn.grad.conv2d_input(x.shape, ref_q(w, recipe.weight_backward, 0, recipe), ref_q(dy, g, 1, recipe),
-                                    1, 1)
-    dw = torch.nn.grad.conv2d_weight(ref_q(x.detach(), recipe.input_backward, 0, recipe), w.shape,
-                                     ref_q(dy, g, 0, recipe), 1, 1)
+    dx = grad_input(x.shape, ref_q(w, recipe.weight_backward, 0, recipe), ref_q(dy, g, 1, recipe), 1, 1)
+    dw = grad_weight(ref_q(x.detach(), recipe.input_backward, 0, recipe), w.shape, ref_q(dy, g, 0, recipe), 1, 1)
     assert torch.equal(bits(x.grad), bits(dx)) and torch.equal(bits(q.weight.grad), bits(dw))
 
 
