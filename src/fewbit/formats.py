@@ -305,7 +305,8 @@ def _check_input(x: torch.Tensor, what: str) -> None:
                         "convert with x.float() first")
 
 
-def _parse_enum(kind: type[enum.Enum], value, what: str):
+def parse_choice(kind: type[enum.Enum], value, what: str):
+    """``kind(value)``, or a ValueError naming the bad value and every valid one."""
     try:
         return kind(value)
     except ValueError:
@@ -336,8 +337,8 @@ def cast(
     round to 0 or the smallest subnormal. e8m0 (no zero, no sign): values <= 0 give NaN, tiny values give 2^-127.
     """
     fmt = get(fmt)
-    rounding = _parse_enum(Rounding, rounding, "rounding")
-    overflow = _parse_enum(Overflow, overflow, "overflow")
+    rounding = parse_choice(Rounding, rounding, "rounding")
+    overflow = parse_choice(Overflow, overflow, "overflow")
     _check_input(x, "cast")
     if x.dtype in (torch.bfloat16, torch.float16):
         container = get(_TORCH_FORMATS[x.dtype])

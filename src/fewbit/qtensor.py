@@ -61,8 +61,8 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", formats.get(self.format))
-        object.__setattr__(self, "rounding", formats._parse_enum(Rounding, self.rounding, "rounding"))
-        object.__setattr__(self, "overflow", formats._parse_enum(Overflow, self.overflow, "overflow"))
+        object.__setattr__(self, "rounding", formats.parse_choice(Rounding, self.rounding, "rounding"))
+        object.__setattr__(self, "overflow", formats.parse_choice(Overflow, self.overflow, "overflow"))
         fmt = self.format
         if not isinstance(self.scaling, PerTensor | PerAxis | PerGroup | Block):
             raise TypeError(f"scaling must be PerTensor, PerAxis, PerGroup or Block, got {self.scaling!r}")

@@ -39,6 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fewbit.formats import parse_choice
+
 E8M0_BIAS = 127
 E8M0_NAN = 255
 
@@ -71,7 +73,7 @@ class PerTensor:
     power_of_two: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "algo", _enum(AmaxAlgo, self.algo, "algo"))
+        object.__setattr__(self, "algo", parse_choice(AmaxAlgo, self.algo, "algo"))
         if self.history_len < 1:
             raise ValueError(f"history_len={self.history_len}; it must be >= 1")
 
@@ -104,19 +106,12 @@ class Block:
     scale_mode: ScaleMode = ScaleMode.FLOOR
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scale_mode", _enum(ScaleMode, self.scale_mode, "scale_mode"))
+        object.__setattr__(self, "scale_mode", parse_choice(ScaleMode, self.scale_mode, "scale_mode"))
         if self.block_size <= 0:
             raise ValueError(f"block_size={self.block_size}; it must be a positive number of elements (MX uses 32)")
 
 
 Scaling = PerTensor | PerAxis | PerGroup | Block
-
-
-def _enum(kind, value, what):
-    try:
-        return kind(value)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(m.value for m in kind)}") from None
 
 
 # ---- the 2-D group view ---------------------------------------------------------------------------------------
@@ -272,7 +267,7 @@ class AmaxHistory:
     """
 
     def __init__(self, history_len: int = 1024, algo: AmaxAlgo | str = AmaxAlgo.MAX) -> None:
-        self.algo = _enum(AmaxAlgo, algo, "algo")
+        self.algo = parse_choice(AmaxAlgo, algo, "algo")
         self.history = torch.zeros(history_len, dtype=torch.float32)
         self.steps = 0
 
