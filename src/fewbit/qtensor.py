@@ -338,7 +338,7 @@ def fake_quantize(x: torch.Tensor, spec: str | QuantSpec, *, history: AmaxHistor
     spec, lay, xg, random_bits = _prepare(x, spec, overrides, generator, "fake_quantize")
     elem_params = _element_params(spec).to(x.device)
     if spec.is_mx:
-        out = _mx_kernel(spec, fake=True)(xg.view(torch.int32), elem_params, random_bits).view(torch.float32)
+        out = _mx_kernel(spec, fake=True)(xg, elem_params, random_bits)
     else:
         scale = _float_scale(xg, spec, history)
         out = quantize_kernel.scaled_kernel(True, spec.rounding, spec.overflow)(xg, scale, elem_params, random_bits)

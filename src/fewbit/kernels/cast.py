@@ -98,10 +98,6 @@ F_NO_ZERO = 2  # no zero at all (e8m0): tiny values go to the smallest value, 0 
 F_UNSIGNED_NAN = 4  # zero and negative inputs become NaN (e8m0)
 
 
-def _param(params: torch.Tensor | list[torch.Tensor], index: int) -> torch.Tensor:
-    return params[index] if isinstance(params, list) else params[..., index]
-
-
 def round_bits(
     bits: torch.Tensor,
     params: torch.Tensor,
@@ -112,22 +108,20 @@ def round_bits(
 ) -> torch.Tensor:
     """Round float bit patterns ``bits`` (viewed as ``src.int_dtype``) onto the format described by ``params``.
 
-    ``params`` is one parameter vector (shape ``(N_PARAMS,)``), or a list of ``N_PARAMS`` tensors that broadcast
-    against ``bits`` (a grid that differs per row, as an MX block's scaled element grid does).
     Returns the bit patterns, in the same source layout, of the rounded values. ``random_bits`` (stochastic
     rounding only) holds independent uniform integers in ``[0, 2^src.mbits)``, one per element. This is the
     eager reference; :func:`round_bits_kernel` gives its compiled form.
     """
     one = torch.ones((), dtype=src.int_dtype)
     zero = torch.zeros((), dtype=src.int_dtype)
-    flags = _param(params, P_FLAGS)
+    flags = params[..., P_FLAGS]
     sign = bits & src.sign_bit
     a = bits & ~src.sign_bit  # magnitude pattern
     is_inf = a == src.inf_bits
 
     exp_field = a >> src.mbits
-    unclamped_shift = _param(params, P_C) - torch.clamp(exp_field, min=1)
-    shift = torch.clamp(torch.maximum(unclamped_shift, src.mbits - _param(params, P_M)), max=src.mbits + 1)
+    unclamped_shift = params[..., P_C] - torch.clamp(exp_field, min=1)
+    shift = torch.clamp(torch.maximum(unclamped_shift, src.mbits - params[..., P_M]), max=src.mbits + 1)
     # The significand as an integer: the implicit leading one is there for normal source values only.
     significand = (a & ((1 << src.mbits) - 1)) | torch.where(exp_field > 0, one << src.mbits, zero)
 
@@ -144,7 +138,7 @@ def round_bits(
     rounded = ((a + torch.clamp(increment, min=0)) >> shift) << shift
 
     # Below the smallest subnormal (when that is a normal source value): 0 or the smallest subnormal.
-    minsub = _param(params, P_MINSUB)
+    minsub = params[..., P_MINSUB]
     tiny = (a < minsub) & (minsub >= (one << src.mbits))
     half_minsub = minsub - (one << src.mbits)  # one binade down
     if rounding == Rounding.NEAREST_EVEN:
@@ -161,10 +155,10 @@ def round_bits(
     rounded = torch.where(((flags & F_NO_ZERO) != 0) & (rounded < minsub), minsub, rounded)
 
     # Overflow: beyond the largest finite magnitude of this sign, or an infinite input.
-    limit = torch.where(sign != 0, _param(params, P_MAXNEG), _param(params, P_MAXPOS))
+    limit = torch.where(sign != 0, params[..., P_MAXNEG], params[..., P_MAXPOS])
     over = (rounded > limit) | is_inf
     if overflow == Overflow.NONFINITE:
-        over_value = _param(params, P_OVER_VALUE)
+        over_value = params[..., P_OVER_VALUE]
         over_value = torch.where(over_value < 0, limit, over_value)
         # Toward zero never overflows a finite input (IEEE 754): it stops at the largest finite value.
         nonfinite = is_inf if rounding == Rounding.TOWARD_ZERO else over
@@ -280,6 +274,8 @@ def fast(fn: Callable, **inductor_options) -> Callable:
     def run(*args, **kwargs):
         if not compile_enabled() or fn.__qualname__ in _compile_failed:
             return fn(*args, **kwargs)
+        # Detached: a view would make Dynamo guard on its base's sizes (and specialise a base of size 1).
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         for arg in args:
             if isinstance(arg, torch.Tensor) and arg.dim() >= 1:
                 torch._dynamo.maybe_mark_dynamic(arg, 0)

@@ -14,14 +14,6 @@ import torch
 
 from fewbit.kernels.cast import (
     FLOAT32,
-    N_PARAMS,
-    P_C,
-    P_FLAGS,
-    P_M,
-    P_MAXNEG,
-    P_MAXPOS,
-    P_MINSUB,
-    P_OVER_VALUE,
     Overflow,
     Rounding,
     encode_rounded,
@@ -29,82 +21,68 @@ from fewbit.kernels.cast import (
     round_bits,
     specialise,
 )
-from fewbit.scaling import ScaleMode, e8m0_reciprocal, mx_scale_codes
+from fewbit.scaling import ScaleMode, e8m0_reciprocal, e8m0_to_float, mx_scale_codes
 
 
-def mx_round(xg: torch.Tensor, elem_params: torch.Tensor, random_bits: torch.Tensor | None, *, mode: ScaleMode,
-             emax: int, elem_max: float, elem_mbits: int, fixed_point: int, rounding: Rounding
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MX: per-row E8M0 scale codes and the elements rounded onto the element grid (in element units)."""
-    amax = xg.abs().amax(dim=1, keepdim=True)  # NaN propagates
-    codes = mx_scale_codes(amax, mode, emax, elem_max, elem_mbits)
+def mx_block_codes(xg: torch.Tensor, *, mode: ScaleMode, emax: int, elem_max: float, elem_mbits: int
+                   ) -> torch.Tensor:
+    """E8M0 scale codes (int32, one per row) of float32 rows: the row amax taken from the bit patterns
+    (non-negative floats order like their patterns; NaN patterns are the largest, so NaN propagates)."""
+    amax_bits = (xg.view(torch.int32) & 0x7FFFFFFF).amax(dim=1, keepdim=True)
+    return mx_scale_codes(amax_bits.view(torch.float32), mode, emax, elem_max, elem_mbits)
+
+
+def mx_elements(xg: torch.Tensor, codes: torch.Tensor, elem_params: torch.Tensor, random_bits: torch.Tensor | None,
+                fixed_point: int, rounding: Rounding) -> torch.Tensor:
+    """The elements of rows with E8M0 scale ``codes``, rounded onto the element grid, in element units."""
     scaled = xg * e8m0_reciprocal(codes)  # exact: multiplying by a power of two
     if fixed_point:  # MX integers: an implicit 2^-fixed_point on the element (MXINT8: 1.6 fixed point)
         scaled = scaled * float(1 << fixed_point)
     rounded = round_bits(scaled.view(torch.int32), elem_params, rounding, FLOAT32, Overflow.SATURATE, random_bits)
-    return rounded.view(torch.float32), codes
+    return rounded.view(torch.float32)
 
 
-def mx_row_grid(xbits: torch.Tensor, elem_params: torch.Tensor, *, mode: ScaleMode, emax: int, elem_max: float,
-                elem_mbits: int, fixed_point: int) -> torch.Tensor:
-    """Per row of float32 bit patterns: the parameter vector of the row's scaled element grid (the element grid
-    times the block scale 2^e), shape (rows, 1, N_PARAMS), with the E8M0 code in an extra last column."""
-    magnitude = xbits & 0x7FFFFFFF
-    amax_bits = magnitude.amax(dim=1, keepdim=True)  # non-negative floats order like their bit patterns; NaN top
-    codes = mx_scale_codes(amax_bits.view(torch.float32), mode, emax, elem_max, elem_mbits)
-    e = codes - 127 - fixed_point  # the row's exponent shift, in element units
-    p = elem_params
-    minsub_exp = (p[P_MINSUB] >> 23) - 127 + e  # the element's smallest step is a normal power of two
-    minsub_row = torch.where(minsub_exp >= -126, (minsub_exp + 127) << 23, 1 << torch.clamp(minsub_exp + 149, 0, 22))
-
-    def scaled_limit(limit_bits):
-        exp_field = (limit_bits >> 23) + e
-        return torch.where(exp_field > 254, 0x7F800000, limit_bits + (e << 23))
-
-    columns = [p[P_M].expand_as(e), p[P_C] + e, minsub_row, scaled_limit(p[P_MAXPOS]), scaled_limit(p[P_MAXNEG]),
-               p[P_OVER_VALUE].expand_as(e), p[P_FLAGS].expand_as(e), codes]
-    assert len(columns) == N_PARAMS + 1
-    return torch.stack(columns, dim=-1)
-
-
-def mx_apply_grid(xbits: torch.Tensor, grid: torch.Tensor, random_bits: torch.Tensor | None, *, rounding: Rounding
-                  ) -> torch.Tensor:
-    """Round each row of ``xbits`` onto its scaled grid (from :func:`mx_row_grid`); NaN-scale rows become NaN."""
-    out = round_bits(xbits, grid[..., :N_PARAMS], rounding, FLOAT32, Overflow.SATURATE, random_bits)
-    return torch.where(grid[..., N_PARAMS] == 255, 0x7FC00000, out)
-
-
-def mx_fake_bits(xbits: torch.Tensor, elem_params: torch.Tensor, random_bits: torch.Tensor | None, *,
-                 mode: ScaleMode, emax: int, elem_max: float, elem_mbits: int, fixed_point: int, rounding: Rounding
-                 ) -> torch.Tensor:
-    """MX fake quantization in the integer domain: each row of float32 bit patterns is rounded directly onto its
-    block's scaled element grid, so no float multiply or division runs.
-
-    Exact because every scaled grid is a float32 grid: its smallest step is at least 2^-149 and its largest value
-    either a normal float32 or beyond float32's range (an inf block, whose saturation value is then inf).
-    """
-    grid = mx_row_grid(xbits, elem_params, mode=mode, emax=emax, elem_max=elem_max, elem_mbits=elem_mbits,
-                       fixed_point=fixed_point)
-    return mx_apply_grid(xbits, grid, random_bits, rounding=rounding)
+def mx_apply(xg: torch.Tensor, codes: torch.Tensor, elem_params: torch.Tensor, random_bits: torch.Tensor | None, *,
+             fixed_point: int, rounding: Rounding) -> torch.Tensor:
+    """Fake-quantize rows with given E8M0 codes: scale (exact), round onto the element grid, scale back (exact)."""
+    rounded = mx_elements(xg, codes, elem_params, random_bits, fixed_point, rounding)
+    scale = e8m0_to_float(codes)
+    if fixed_point:
+        scale = scale * (1.0 / (1 << fixed_point))
+    return rounded * scale
 
 
 @functools.cache
 def mx_kernel(fake: bool, mode: ScaleMode, emax: int, elem_max: float, elem_mbits: int, fixed_point: int,
               rounding: Rounding) -> Callable:
-    """Compiled MX pass. ``fake``: takes float32 bit patterns and returns the dequantized values' bit patterns;
-    else takes float32 values and returns (element codes uint8, scale codes uint8)."""
-    options = dict(mode=mode, emax=emax, elem_max=elem_max, elem_mbits=elem_mbits, fixed_point=fixed_point,
-                   rounding=rounding)
-
-    def fake_quantize(xbits, elem_params, random_bits=None):
-        return mx_fake_bits(xbits, elem_params, random_bits, **options)
-
+    """Compiled MX pass over float32 rows. ``fake``: returns the dequantized values; else (element codes uint8,
+    E8M0 scale codes uint8)."""
     if fake:
-        return fast(specialise(fake_quantize, "mx_fake_" + name_suffix(mode, emax, elem_mbits, elem_max,
-                                                                       fixed_point, rounding)))
+        # Two compiled passes: the block codes (a reduction that only reads), then one pointwise pass with the
+        # element format's parameters constant. Measured faster than one fused loop (281 against 209 M/s on
+        # 2 cores), which rebuilds the per-block values inside the element loop.
+        suffix = name_suffix(mode, emax, elem_mbits, elem_max, fixed_point, rounding)
+        def block_codes(xg):
+            return mx_block_codes(xg, mode=mode, emax=emax, elem_max=elem_max, elem_mbits=elem_mbits)
+
+        def apply(xg, codes, elem_params, random_bits=None):
+            return mx_apply(xg, codes, elem_params, random_bits, fixed_point=fixed_point, rounding=rounding)
+
+        codes_kernel = fast(specialise(block_codes, "mx_codes_" + suffix))
+        apply_kernel = fast(specialise(apply, "mx_apply_" + suffix))
+
+        def fake_quantize(xg, elem_params, random_bits=None):
+            return apply_kernel(xg, codes_kernel(xg), elem_params, random_bits)
+
+        def eager(xg, elem_params, random_bits=None):
+            return apply(xg, block_codes(xg), elem_params, random_bits)
+
+        fake_quantize.eager = eager  # type: ignore[attr-defined]
+        return fake_quantize
 
     def quantize(xg, elem_params, enc_params, random_bits=None):
-        rounded, codes = mx_round(xg, elem_params, random_bits, **options)
+        codes = mx_block_codes(xg, mode=mode, emax=emax, elem_max=elem_max, elem_mbits=elem_mbits)
+        rounded = mx_elements(xg, codes, elem_params, random_bits, fixed_point, rounding)
         return encode_rounded(rounded, enc_params), codes.to(torch.uint8)
 
     return fast(specialise(quantize, "mx_quantize_" + name_suffix(mode, emax, elem_mbits, elem_max, fixed_point,
