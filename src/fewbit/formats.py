@@ -346,13 +346,12 @@ def cast(
             # The format holds every value of x's dtype, but its max is no value of that dtype: identity, and
             # infinities stay infinite.
             return x.clone()
-        else:
-            if not _contains(container, fmt):
-                raise ValueError(
-                    f"{fmt.name} values do not all fit in {x.dtype} (e.g. its max {fmt.max!r}); "
-                    f"cast a float32 tensor instead: cast(x.float(), {fmt.name!r})"
-                )
-            return cast(x.float(), fmt, rounding, overflow, generator).to(x.dtype)
+        if not _contains(container, fmt):
+            raise ValueError(
+                f"{fmt.name} values do not all fit in {x.dtype} (e.g. its max {fmt.max!r}); "
+                f"cast a float32 tensor instead: cast(x.float(), {fmt.name!r})"
+            )
+        return cast(x.float(), fmt, rounding, overflow, generator).to(x.dtype)
     if x.numel() == 0:
         return x.clone()
     native = _NATIVE_DTYPES.get(fmt.name)
