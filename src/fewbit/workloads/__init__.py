@@ -1,0 +1,1 @@
+"""Reference workloads on offline data (data, model, metric, configs). Work in progress: the number-phrase corpus."""
