@@ -17,13 +17,12 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from fewbit import formats
+from fewbit import atomic, formats
 from fewbit.formats import Format, Overflow, Rounding
 from fewbit.kernels import cast as cast_kernel
 from fewbit.kernels import quantize as quantize_kernel
@@ -220,25 +219,11 @@ class QTensor:
                     "shape": json.dumps(list(self.shape)), "dtype": str(self.dtype).removeprefix("torch.")}
         payload = st_save({"qdata": formats.pack(self.qdata, self.spec.format.bits),
                            "scale": self.scale.contiguous()}, metadata=metadata)
-        _atomic_write(Path(path), payload)
+        atomic.write_bytes(path, payload)
 
     def __repr__(self) -> str:
         return (f"QTensor({self.spec!s}, shape={tuple(self.shape)}, dtype={self.dtype}, "
                 f"{self.bits_per_element:.2f} bits/element)")
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load(path: str | os.PathLike) -> QTensor:

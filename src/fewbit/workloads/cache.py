@@ -1,8 +1,7 @@
 """Where generated data lives: a user cache folder, one sub-folder per data set keyed by its parameters.
 
 ``FEWBIT_CACHE`` overrides the root (default ``$XDG_CACHE_HOME/fewbit`` or ``~/.cache/fewbit``). Files are written
-atomically (temporary file, fsync, rename), so an interrupted generation never leaves a half-written file that a
-later run would trust.
+with :mod:`fewbit.atomic`, so an interrupted generation never leaves a half-written file.
 """
 
 from __future__ import annotations
@@ -10,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
+
+from fewbit.atomic import write_text
 
 
 def root() -> Path:
@@ -28,19 +28,5 @@ def keyed_dir(kind: str, params: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     params_file = path / "params.json"
     if not params_file.exists():
-        write_atomic(params_file, text + "\n")
+        write_text(params_file, text + "\n")
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

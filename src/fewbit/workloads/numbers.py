@@ -16,7 +16,8 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fewbit.workloads.cache import keyed_dir, write_atomic
+from fewbit.atomic import write_text
+from fewbit.workloads.cache import keyed_dir
 
 LANGUAGES = ("fr", "de", "es")
 KINDS = ("cardinal", "ordinal", "year")
@@ -96,7 +97,7 @@ def load(spec: NumberCorpus | None = None) -> dict[str, list[tuple[str, str]]]:
     files = {s: directory / f"{s}.tsv" for s in SPLITS}
     if not all(f.exists() for f in files.values()):
         for split, pairs in generate(spec).items():
-            write_atomic(files[split], "".join(f"{src}\t{tgt}\n" for src, tgt in pairs))
+            write_text(files[split], "".join(f"{src}\t{tgt}\n" for src, tgt in pairs))
     return {s: _read(files[s]) for s in SPLITS}
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
-from pathlib import Path
 
+from fewbit.atomic import write_bytes
 from fewbit.workloads.cache import keyed_dir
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
@@ -66,11 +66,5 @@ def train(texts: list[str], vocab_size: int = 512, model_type: str = "unigram") 
             pad_id=PAD, bos_id=BOS, eos_id=EOS, unk_id=UNK, character_coverage=1.0,
             hard_vocab_limit=False, num_threads=1, minloglevel=2,
         )
-        _write_bytes(path, model.getvalue())
+        write_bytes(path, model.getvalue())
     return Tokenizer(path.read_bytes())
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
