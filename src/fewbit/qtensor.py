@@ -282,8 +282,7 @@ def _float_scale(xg: torch.Tensor, spec: QuantSpec, history: AmaxHistory | None)
         history.record(current)
     margin = scaling.margin if isinstance(scaling, PerTensor) else 0
     power_of_two = isinstance(scaling, PerTensor) and scaling.power_of_two
-    element_max = spec.element_max if not (spec.format.is_int and not spec.symmetric) else spec.format.max
-    return amax_scale(amax, element_max, margin, power_of_two)
+    return amax_scale(amax, spec.element_max, margin, power_of_two)
 
 
 def _mx_kernel(spec: QuantSpec, fake: bool):

@@ -67,11 +67,13 @@ def _clip_mask(x: torch.Tensor, spec: QuantSpec | None, history: AmaxHistory | N
 
 
 class _State:
-    """Per-module state the functions read: delayed-scaling histories by role, and a cached quantized weight."""
+    """Per-module state the functions read: the delayed-scaling histories of the roles that keep one (the forward
+    operands and grad_output; operands re-quantized for the backward GEMMs use current scaling)."""
 
     def __init__(self, recipe: Recipe) -> None:
         self.histories: dict[str, AmaxHistory] = {}
-        for role, spec in recipe.specs().items():
+        for role in ("weight", "input", "grad_output"):
+            spec = getattr(recipe, role)
             if spec is not None and isinstance(spec.scaling, PerTensor) and spec.scaling.delayed:
                 self.histories[role] = AmaxHistory(spec.scaling.history_len, spec.scaling.algo)
         if "input" in self.histories:  # QMatmul's second activation operand keeps its own history
