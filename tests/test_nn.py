@@ -172,6 +172,23 @@ def test_quantize_with_layer_overrides_and_summary(capsys):
     assert type(model.blocks[0]) is nn.Linear and type(model.head) is nn.Linear
 
 
+@pytest.mark.parametrize(("recipe", "bits"), [("fp32", None), ("mxfp8", 8.25), ("mxfp4", 4.25), ("fp8", 8.0),
+                                               ("bf16", 16.0), ("w4a16", 4.25)])
+def test_weight_bytes_counts_packed_weights_and_the_rest_in_float(recipe, bits):
+    model = nn.Sequential(nn.Embedding(10, 256), nn.Linear(256, 512), nn.LayerNorm(512), nn.Linear(512, 256))
+    floats = sum(p.numel() * 4 for p in model.parameters())
+    linear_weights = 256 * 512 * 2
+    if recipe != "fp32":
+        fewbit.quantize_(model, recipe)  # fp8 (delayed scaling) is sized without a history
+    sizes = fewbit.nn.weight_bytes(model)
+    if bits is None:
+        assert sizes == {"total": floats, "quantized": 0, "quantized_weights": 0, "bits_per_weight": None}
+        return
+    assert sizes["quantized_weights"] == linear_weights
+    assert sizes["bits_per_weight"] == pytest.approx(bits, abs=0.001)
+    assert sizes["total"] == floats - 4 * linear_weights + sizes["quantized"]
+
+
 def test_filter_fn_and_no_convertible_layer_warning():
     model = Tiny()
     fewbit.quantize_(model, "int8", filter_fn=lambda m, name: name.startswith("blocks"))

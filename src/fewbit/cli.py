@@ -116,6 +116,79 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_workloads(args: argparse.Namespace) -> int:
+    from fewbit import workloads
+
+    rows = []
+    for name in workloads.names():
+        cls = workloads.get(name)
+        rows.append({"name": name, "description": cls.description, "metric": cls.metric,
+                     "higher_is_better": cls.higher_is_better, "configs": cls.config_names(),
+                     "sources": [{"name": s.name, "description": s.description, "available": s.available,
+                                  "install": s.install} for s in cls.sources()]})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title="fewbit workloads", title_style="bold")
+    for col in ["workload", "what", "metric", "configs", "data sources (available here?)"]:
+        table.add_column(col)
+    for r in rows:
+        sources = "\n".join(f"{s['name']}: {'yes' if s['available'] else 'no: ' + s['install']}"
+                            for s in r["sources"])
+        table.add_row(r["name"], r["description"], r["metric"] + (" ↑" if r["higher_is_better"] else " ↓"),
+                      ", ".join(r["configs"]), sources)
+    _console().print(table)
+    return 0
+
+
+def _metrics_line(metrics: dict) -> str:
+    return "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fewbit import recipes, workloads
+    from fewbit.workloads import run
+
+    cls = workloads.get(args.workload)
+    recipe = recipes.get(args.recipe)
+    workload = cls(cls.load_config(args.config, args.overrides))
+    out = args.out or f"runs/{args.workload}-{recipe.name}"
+    console = _console()
+    console.print(f"fewbit train {args.workload}: recipe {recipe.name}, config {args.config}, "
+                  f"{workload.config.steps} steps -> {out}")
+    result = run.train(workload, recipe, out=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    console.print(f"valid: {_metrics_line(result.record['valid'])}")
+    console.print(f"trained in {result.record['train']['seconds']:.1f} s; saved {out}/ "
+                  f"(evaluate with `fewbit eval {args.workload} --checkpoint {out}`)")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fewbit.workloads import run
+
+    loaded = run.load(args.checkpoint, args.workload)
+    metrics = run.evaluate(loaded, args.recipe, args.split, args.limit)
+    record = {"workload": args.workload, "checkpoint": str(args.checkpoint), "recipe": args.recipe or "as trained",
+              "split": args.split, **metrics}
+    if args.json:
+        print(json.dumps(record, indent=2))
+    else:
+        _console().print(f"{args.workload} {args.split} ({record['recipe']}): {_metrics_line(metrics)}")
+    return 0
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from fewbit import study
+
+    result = study.run(args.workload, args.config, args.overrides,
+                       [r for r in args.recipes.split(",") if r] if args.recipes else (),
+                       out=args.out, split=args.split, retrain=args.retrain, progress=not args.quiet,
+                       console=_console())
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewbit", description="Train, quantize, sparsify and benchmark "
                                      "neural networks in few bits.")
@@ -127,11 +200,55 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("recipes", help="the preset recipes and the QuantSpec each gives to each role")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_recipes)
+
+    p = sub.add_parser("workloads", help="the reference workloads, their data sources and whether they are here")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_cmd_workloads)
+
+    overrides_help = "config overrides, e.g. steps=200 lr=3e-4 (unknown keys are rejected)"
+    p = sub.add_parser("train", help="train a workload's model under a recipe and save the run")
+    p.add_argument("workload")
+    p.add_argument("--recipe", default="fp32", help="a preset recipe (see `fewbit recipes`)")
+    p.add_argument("--config", default="quick", help="a named config of the workload, or a .yaml path")
+    p.add_argument("--out", help="run folder (default runs/<workload>-<recipe>)")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="keep resumable checkpoints every N steps")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.set_defaults(run=_cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved run, as trained or directly cast to a recipe")
+    p.add_argument("workload")
+    p.add_argument("--checkpoint", required=True, help="a run folder written by `fewbit train`")
+    p.add_argument("--recipe", help="cast the model to this recipe before evaluating (default: as trained)")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples (0: all; default: the config's "
+                   "eval_limit)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(run=_cmd_eval)
+
+    p = sub.add_parser("study", help="train (or load) the FP32 baseline and evaluate it under every recipe")
+    p.add_argument("workload")
+    p.add_argument("--config", default="quick", help="a named config of the workload, or a .yaml path")
+    p.add_argument("--recipes", help="comma-separated preset names (default: all)")
+    p.add_argument("--out", help="output folder (default fewbit-study/<workload>)")
+    p.add_argument("--split", default="test", choices=["valid", "test"])
+    p.add_argument("--retrain", action="store_true", help="train the baseline again instead of using the cache")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="also print results.json to stdout")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.set_defaults(run=_cmd_study)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # key=value overrides may come before or after the options (argparse alone takes them only before).
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
     except (ValueError, TypeError, FileNotFoundError) as error:

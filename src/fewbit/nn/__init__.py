@@ -1,6 +1,6 @@
 """Where models meet formats: quantized autograd functions, modules, and model conversion."""
 
-from fewbit.nn.convert import dequantize_, quantize_, summary
+from fewbit.nn.convert import dequantize_, quantize_, summary, weight_bytes
 from fewbit.nn.modules import QConv1d, QConv2d, QLinear, QMatmul
 
-__all__ = ["QConv1d", "QConv2d", "QLinear", "QMatmul", "dequantize_", "quantize_", "summary"]
+__all__ = ["QConv1d", "QConv2d", "QLinear", "QMatmul", "dequantize_", "quantize_", "summary", "weight_bytes"]

@@ -17,9 +17,11 @@ from rich.table import Table
 from torch import nn
 
 from fewbit import recipes as _recipes
+from fewbit.nn.functional import current_scaling
 from fewbit.nn.modules import QConv1d, QConv2d, QLinear, QMatmul, _Quantized
 from fewbit.qtensor import quantize
 from fewbit.recipes import Recipe
+from fewbit.scaling import PerTensor
 
 _SKIPPED = "_fewbit_skipped"
 
@@ -141,11 +143,19 @@ def _spec_name(spec) -> str:
     return str(spec) if spec is not None else "-"
 
 
+def _stored(spec):
+    """The spec whose QTensor has the bytes ``spec`` stores: a delayed per-tensor spec stores what its
+    current-scaling twin does (codes and one scale), and needs no history to size."""
+    if isinstance(spec.scaling, PerTensor) and spec.scaling.delayed:
+        return current_scaling(spec)
+    return spec
+
+
 def _summary_table(model: nn.Module) -> tuple[Table, list[tuple[str, str]], dict]:
     table = Table(title=f"fewbit summary: {type(model).__name__}")
     for col in ["layer", "type", "recipe", "weight", "input", "grad_output", "weight bytes", "quantized bytes"]:
         table.add_column(col, justify="right" if "bytes" in col else "left")
-    totals = {"float_bytes": 0, "quantized_bytes": 0, "layers": 0}
+    totals = {"float_bytes": 0, "quantized_bytes": 0, "layers": 0, "weights": 0}
     for name, module in model.named_modules():
         if not isinstance(module, _Quantized):
             continue
@@ -155,15 +165,32 @@ def _summary_table(model: nn.Module) -> tuple[Table, list[tuple[str, str]], dict
             w = module.weight.detach()
             before = w.numel() * w.element_size()
             weight_2d = w.t() if isinstance(module, QHFConv1D) else w.reshape(w.shape[0], -1)
-            after = quantize(weight_2d.float(), r.weight).nbytes if r.weight is not None else \
+            # A delayed per-tensor spec stores the same bytes as its current-scaling twin (one scale per tensor).
+            after = quantize(weight_2d.float(), _stored(r.weight)).nbytes if r.weight is not None else \
                 w.numel() * (2 if r.compute_format in ("bf16", "fp16") else w.element_size())
         totals["float_bytes"] += before
         totals["quantized_bytes"] += after
         totals["layers"] += 1
+        totals["weights"] += module.weight.numel() if module.weight is not None else 0
         table.add_row(name or "(model)", type(module).__name__, r.name, _spec_name(r.weight), _spec_name(r.input),
                       _spec_name(r.grad_output), f"{before:,}", f"{after:,}")
     skipped = list(model.__dict__.get(_SKIPPED, {}).items())
     return table, skipped, totals
+
+
+def weight_bytes(model: nn.Module) -> dict:
+    """Bytes of every parameter as stored for inference: the quantized layers' weights at their packed size
+    (codes and scales), everything else (embeddings, norms, biases, unconverted layers) at its own dtype.
+
+    Keys: ``total`` (bytes), ``quantized`` (bytes of the converted weights), ``quantized_weights`` (their element
+    count), ``bits_per_weight`` (8 * quantized / quantized_weights; None when no layer is converted)."""
+    _, _, totals = _summary_table(model)
+    converted = {id(m.weight) for m in model.modules() if isinstance(m, _Quantized) and m.weight is not None}
+    other = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
+                if id(p) not in converted)
+    n = totals["weights"]
+    return {"total": other + totals["quantized_bytes"], "quantized": totals["quantized_bytes"],
+            "quantized_weights": n, "bits_per_weight": 8 * totals["quantized_bytes"] / n if n else None}
 
 
 def summary_text(model: nn.Module) -> str:

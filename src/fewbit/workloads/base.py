@@ -1,0 +1,215 @@
+"""What a workload is: data + model + metric + configs, behind one small interface.
+
+A :class:`Workload` subclass names its metric and its data sources, and declares its settings as a frozen
+dataclass (its ``Config``, which extends :class:`TrainSettings`). Configs are flat YAML files shipped in
+``fewbit/workloads/configs/<workload>-<name>.yaml``; each opens with the command that runs it. A config file and
+``key=value`` overrides may only name fields of the workload's ``Config``: anything else is an error that lists
+the valid keys.
+
+An instance is built from one config, prepares its data once (:meth:`Workload.setup`, cached on disk), and then
+serves the training loop (:meth:`build_model`, :meth:`batch`, :meth:`loss`) and evaluation (:meth:`evaluate`).
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Source:
+    """One place a workload's data can come from, and whether it is usable on this machine."""
+
+    name: str
+    description: str
+    available: bool
+    install: str  # what to run when it is missing
+
+    def require(self) -> None:
+        if not self.available:
+            raise FileNotFoundError(f"data source {self.name!r} ({self.description}) is not available here; "
+                                    f"install it with: {self.install}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Settings every workload shares: the optimizer (AdamW), its schedule (linear warmup, cosine decay to
+    ``min_lr_ratio * lr``) and evaluation. ``eval_limit`` caps the examples an evaluation reads (0: all)."""
+
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    eval_limit: int = 0
+    threads: int = 0  # torch threads; 0 leaves torch's default
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "warmup", "eval_every", "eval_limit", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if self.batch_size == 0:
+            raise ValueError("batch_size=0; need at least 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr} must be > 0")
+
+
+class Workload(abc.ABC):
+    """A reference task. Subclasses set the class attributes and implement the abstract methods."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    metric: ClassVar[str]  # the key of evaluate()'s result that a study reports
+    higher_is_better: ClassVar[bool]
+    Config: ClassVar[type[TrainSettings]]
+
+    def __init__(self, config: TrainSettings, artifacts: dict[str, bytes] | None = None) -> None:
+        """``artifacts``: files a saved run kept (see :meth:`artifacts`), reused instead of rebuilt."""
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{self.name} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.saved_artifacts = dict(artifacts or {})
+        self._ready = False
+
+    # -- data sources ------------------------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def sources(cls) -> list[Source]:
+        """Every data source this workload can use, in order of preference, with its availability here."""
+
+    # -- the task ----------------------------------------------------------------------------------------------
+    def setup(self) -> Workload:
+        """Prepare the data (generated or read, then cached); idempotent. Returns self."""
+        if not self._ready:
+            self._setup()
+            self._ready = True
+        return self
+
+    @abc.abstractmethod
+    def _setup(self) -> None: ...
+
+    @abc.abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialized model for this config (seeded by ``config.seed``)."""
+
+    @abc.abstractmethod
+    def batch(self, step: int, micro: int = 0) -> Any:
+        """The training batch at this position: a pure function of (seed, step, micro)."""
+
+    @abc.abstractmethod
+    def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
+        """Scalar training loss of ``model`` on ``batch``."""
+
+    @abc.abstractmethod
+    def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
+        """Metrics of ``model`` on a split ("valid" or "test"); includes :attr:`metric`. ``limit`` caps the
+        examples read (None: ``config.eval_limit``; 0: all)."""
+
+    def artifacts(self) -> dict[str, bytes]:
+        """Files a trained run keeps beside its weights so it can be evaluated later (e.g. a tokenizer)."""
+        return {}
+
+    def info(self) -> dict[str, Any]:
+        """Facts about the prepared data (sizes, source) for logs and reports."""
+        return {}
+
+    # -- configs -----------------------------------------------------------------------------------------------
+    @classmethod
+    def config_names(cls) -> list[str]:
+        prefix = f"{cls.name}-"
+        return sorted(p.name[len(prefix):-5] for p in _config_dir().iterdir()
+                      if p.name.startswith(prefix) and p.name.endswith(".yaml"))
+
+    @classmethod
+    def config_path(cls, config: str) -> Path:
+        """The file of a named config (``quick``) or ``config`` itself when it is a path to a YAML file."""
+        if config.endswith((".yaml", ".yml")) or "/" in config:
+            path = Path(config)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file {config!r} not found")
+            return path
+        path = Path(str(_config_dir() / f"{cls.name}-{config}.yaml"))
+        if not path.is_file():
+            raise ValueError(f"unknown config {config!r} for workload {cls.name!r}; valid: "
+                             f"{', '.join(cls.config_names())} (or a path to a .yaml file)")
+        return path
+
+    @classmethod
+    def load_config(cls, config: str | None = "quick", overrides: typing.Sequence[str] = (),
+                    values: dict[str, Any] | None = None) -> TrainSettings:
+        """The workload's Config from a named config or YAML file, then ``values`` (a dict, e.g. a saved run's),
+        then ``key=value`` overrides (values parsed as YAML scalars: ``lr=3e-4``, ``target=de``)."""
+        import yaml
+
+        merged: dict[str, Any] = {}
+        if config is not None:
+            path = cls.config_path(config)
+            loaded = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: a config is a mapping of key: value, got {type(loaded).__name__}")
+            merged.update(_checked(cls.Config, loaded, str(path)))
+        merged.update(_checked(cls.Config, values or {}, "values"))
+        parsed = {}
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override {item!r} is not key=value (e.g. steps=200)")
+            parsed[key.strip()] = yaml.safe_load(text) if text.strip() else ""
+        merged.update(_checked(cls.Config, parsed, "overrides"))
+        return cls.Config(**merged)
+
+
+def _config_dir():
+    return resources.files("fewbit.workloads") / "configs"
+
+
+def config_dict(config: TrainSettings) -> dict[str, Any]:
+    return dataclasses.asdict(config)
+
+
+def _checked(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """``values`` with each value coerced to the field's type; unknown keys and wrong types are errors."""
+    hints = typing.get_type_hints(cls)
+    fields = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for key, value in values.items():
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r} in {where}; valid keys: {', '.join(sorted(fields))}")
+        out[key] = _coerce(key, value, hints[key])
+    return out
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    allowed = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if value is None and type(None) in allowed:
+        return None
+    for kind in allowed:
+        if kind is bool and isinstance(value, bool):
+            return value
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+            return str(value)
+    names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
+    raise ValueError(f"config key {key!r}: expected {names}, got {value!r}")
+
+
+def batch_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """A generator that depends only on (seed, step, micro): batches are reproducible and a resumed run sees the
+    same data."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 64 + micro)

@@ -1,0 +1,200 @@
+"""``translate``: a Transformer encoder-decoder translating English into another language, scored with BLEU.
+
+Data, by ``source``:
+
+- ``numbers`` (default, everywhere): number phrases generated with num2words (:mod:`fewbit.workloads.numbers`),
+  English to ``target`` = fr, de or es.
+- ``bible``: English-Spanish verse pairs (KJV and Reina-Valera) read from the Debian SWORD modules
+  (:mod:`fewbit.workloads.bible`); ``target`` must be es.
+
+One sentencepiece vocabulary is trained on both sides of the training split. The metric is corpus BLEU
+(sacrebleu, its default 13a tokenization) of greedy (``beam=1``) or beam-search translations; evaluations also
+report chrF, the share of sentences translated exactly, and the teacher-forced loss.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fewbit.workloads import numbers, tokenizer
+from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator
+from fewbit.workloads.tokenizer import BOS, EOS, PAD
+from fewbit.workloads.transformer import Seq2SeqTransformer, TransformerConfig
+
+SOURCES = ("numbers", "bible")
+
+
+@dataclass(frozen=True)
+class TranslateConfig(TrainSettings):
+    source: str = "numbers"
+    target: str = "es"
+    pairs: int = 24000  # number phrases drawn (numbers source)
+    max_number: int = 1_000_000  # cardinals are drawn log-uniformly below this (numbers source)
+    vocab_size: int = 1000
+    d_model: int = 128
+    heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    d_ff: int = 512
+    dropout: float = 0.1
+    label_smoothing: float = 0.1
+    max_len: int = 96  # tokens per side; longer pairs are dropped
+    beam: int = 1  # 1: greedy decoding
+    length_penalty: float = 0.6
+    eval_batch_size: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.source not in SOURCES:
+            raise ValueError(f"source={self.source!r}; valid: {', '.join(SOURCES)}")
+        if self.source == "bible" and self.target != "es":
+            raise ValueError(f"the bible source is English-Spanish; target={self.target!r} needs source=numbers")
+        if self.beam < 1:
+            raise ValueError(f"beam={self.beam} must be >= 1 (1 is greedy decoding)")
+
+
+def _bible():
+    from fewbit.workloads import bible
+
+    return bible
+
+
+class Translate(Workload):
+    name = "translate"
+    description = "Transformer encoder-decoder, English to fr/de/es; BLEU (sacrebleu)"
+    metric = "bleu"
+    higher_is_better = True
+    Config = TranslateConfig
+
+    @classmethod
+    def sources(cls) -> list[Source]:
+        try:
+            import num2words  # noqa: F401
+
+            have_numbers = True
+        except ImportError:
+            have_numbers = False
+        try:
+            have_bible = _bible().available()
+        except ImportError:
+            have_bible = False
+        return [
+            Source("numbers", "number phrases generated with num2words (en to fr/de/es)", have_numbers,
+                   "pip install num2words"),
+            Source("bible", "English-Spanish Bible verses, Debian SWORD modules read with pysword", have_bible,
+                   "apt-get install sword-text-kjv sword-text-sparv && pip install pysword"),
+        ]
+
+    def _setup(self) -> None:
+        c = self.config
+        next(s for s in self.sources() if s.name == c.source).require()
+        if c.source == "numbers":
+            corpus = numbers.load(numbers.NumberCorpus(target=c.target, pairs=c.pairs, seed=c.seed,
+                                                         max_cardinal=c.max_number))
+        else:
+            corpus = _bible().load()
+        if "tokenizer.model" in self.saved_artifacts:  # a saved run's own vocabulary
+            self.tokenizer = tokenizer.Tokenizer(self.saved_artifacts["tokenizer.model"])
+        else:
+            self.tokenizer = tokenizer.train([s for pair in corpus["train"] for s in pair], c.vocab_size)
+        self.splits: dict[str, list[tuple[list[int], list[int], str]]] = {}
+        self.dropped = 0
+        for split, pairs in corpus.items():
+            rows = []
+            for src, tgt in pairs:
+                s, t = self.tokenizer.encode(src), self.tokenizer.encode(tgt, bos=True)
+                if len(s) > c.max_len or len(t) > c.max_len:
+                    self.dropped += 1
+                    continue
+                rows.append((s, t, tgt))
+            if not rows:
+                raise ValueError(f"the {split} split is empty after dropping pairs over max_len={c.max_len}")
+            self.splits[split] = rows
+
+    def info(self) -> dict:
+        return {"source": self.config.source, "target": self.config.target, "vocab": self.tokenizer.vocab_size,
+                "dropped_over_max_len": self.dropped, **{f"{k}_pairs": len(v) for k, v in self.splits.items()}}
+
+    def build_model(self) -> nn.Module:
+        c = self.config
+        torch.manual_seed(c.seed)
+        return Seq2SeqTransformer(TransformerConfig(
+            vocab_size=self.tokenizer.vocab_size, d_model=c.d_model, heads=c.heads, encoder_layers=c.encoder_layers,
+            decoder_layers=c.decoder_layers, d_ff=c.d_ff, dropout=c.dropout, max_len=c.max_len + 1))
+
+    def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.splits["train"]
+        pick = torch.randint(len(rows), (self.config.batch_size,), generator=batch_generator(self.config.seed,
+                                                                                             step, micro))
+        chosen = [rows[i] for i in pick.tolist()]
+        return _pad([r[0] for r in chosen]), _pad([r[1] for r in chosen])
+
+    def loss(self, model: nn.Module, batch) -> torch.Tensor:
+        src, tgt = batch
+        return _inner(model).loss(src, tgt, label_smoothing=self.config.label_smoothing)
+
+    def artifacts(self) -> dict[str, bytes]:
+        return {"tokenizer.model": self.tokenizer.model_bytes}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
+        import sacrebleu
+
+        c = self.config
+        rows = self.splits[split]
+        limit = c.eval_limit if limit is None else limit
+        if limit:
+            rows = rows[:limit]
+        was_training = model.training
+        model.eval()
+        net = _inner(model)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch together
+        hyps: list[str] = [""] * len(rows)
+        loss_sum, tokens = 0.0, 0
+        for start in range(0, len(order), c.eval_batch_size):
+            idx = order[start:start + c.eval_batch_size]
+            src, tgt = _pad([rows[i][0] for i in idx]), _pad([rows[i][1] for i in idx])
+            n = int((tgt[:, 1:] != PAD).sum())
+            loss_sum += float(net.loss(src, tgt)) * n
+            tokens += n
+            longest = max(len(rows[i][1]) for i in idx)
+            limit_len = min(c.max_len + 1, 2 * longest + 8)
+            out = (net.greedy(src, max_len=limit_len) if c.beam == 1 else
+                   net.beam_search(src, beam=c.beam, max_len=limit_len, length_penalty=c.length_penalty))
+            for i, ids in zip(idx, out.tolist(), strict=True):
+                hyps[i] = self.tokenizer.decode(ids)
+        model.train(was_training)
+        refs = [r[2] for r in rows]
+        loss = loss_sum / max(tokens, 1)
+        return {
+            "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
+            "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
+            "exact": sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(refs),
+            "loss": loss,
+            "ppl": math.exp(min(loss, 50.0)),
+            "sentences": float(len(rows)),
+        }
+
+    def examples(self, model: nn.Module, n: int = 3, split: str = "test") -> list[tuple[str, str, str]]:
+        """(source, reference, translation) for the first ``n`` sentences of a split."""
+        rows = self.splits[split][:n]
+        model.eval()
+        out = _inner(model).greedy(_pad([r[0] for r in rows]), max_len=self.config.max_len + 1)
+        return [(self.tokenizer.decode(r[0]), r[2], self.tokenizer.decode(ids))
+                for r, ids in zip(rows, out.tolist(), strict=True)]
+
+
+def _inner(model: nn.Module) -> Seq2SeqTransformer:
+    return model.module if hasattr(model, "module") else model  # DDP wraps the model
+
+
+def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([s + [PAD] * (width - len(s)) for s in seqs])
+
+
+__all__ = ["BOS", "EOS", "Translate", "TranslateConfig"]
