@@ -1,19 +1,33 @@
 """fewbit: train, quantize, sparsify and benchmark neural networks in few bits."""
 
 from fewbit import formats, recipes, scaling
+from fewbit.calibrate import Calibration, PTQReport, calibrate, ptq
+from fewbit.export import export_onnx
 from fewbit.formats import Format, Overflow, Rounding, cast, decode, encode, pack, unpack
-from fewbit.nn import QConv1d, QConv2d, QLinear, QMatmul, dequantize_, quantize_, summary
+from fewbit.nn import QConv1d, QConv2d, QLinear, QMatmul, dequantize_, fold_batchnorm_, quantize_, summary
 from fewbit.qtensor import QTensor, QuantSpec, fake_quantize, get_spec, load, quantize, spec_names
 from fewbit.recipes import Recipe
 from fewbit.scaling import AmaxHistory, Block, PerAxis, PerGroup, PerTensor
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # fewbit.qat lives with the training loop (fewbit.train), imported on first use like the rest of fewbit.train.
+    if name == "qat":
+        from fewbit.train.qat import qat
+
+        return qat
+    raise AttributeError(f"module 'fewbit' has no attribute {name!r}")
+
+
 __all__ = [
     "AmaxHistory",
     "Block",
+    "Calibration",
     "Format",
     "Overflow",
+    "PTQReport",
     "PerAxis",
     "PerGroup",
     "PerTensor",
@@ -25,15 +39,20 @@ __all__ = [
     "QuantSpec",
     "Recipe",
     "Rounding",
+    "calibrate",
     "cast",
     "decode",
     "dequantize_",
     "encode",
+    "export_onnx",
     "fake_quantize",
+    "fold_batchnorm_",
     "formats",
     "get_spec",
     "load",
     "pack",
+    "ptq",
+    "qat",
     "quantize",
     "quantize_",
     "recipes",

@@ -121,10 +121,13 @@ class QuantSpec:
         return cls(d["format"], kinds[kind](**scaling), d["rounding"], d["overflow"], d.get("symmetric", True))
 
     def __str__(self) -> str:
+        static = isinstance(self.scaling, PerTensor) and self.scaling.amax is not None
+        plain = self.replace(amax=None) if static else self
+        suffix = f"@amax={self.scaling.amax:.4g}" if static else ""
         for name, spec in _SPECS.items():
-            if spec == self:
-                return name
-        return f"{self.format.name}/{type(self.scaling).__name__}"
+            if spec == plain:
+                return name + suffix
+        return f"{self.format.name}/{type(self.scaling).__name__}{suffix}"
 
 
 def _plain(value):
@@ -272,8 +275,11 @@ def _prepare(x: torch.Tensor, spec: str | QuantSpec, overrides: dict, generator,
 
 
 def _float_scale(xg: torch.Tensor, spec: QuantSpec, history: AmaxHistory | None) -> torch.Tensor:
-    amax = quantize_kernel.row_amax(xg.view(torch.int32))  # NaN rows give a NaN amax, hence a NaN scale
     scaling = spec.scaling
+    if isinstance(scaling, PerTensor) and scaling.amax is not None:  # static (calibrated): the tensor is not read
+        amax = torch.full((1, 1), scaling.amax, dtype=torch.float32, device=xg.device)
+        return amax_scale(amax, spec.element_max, scaling.margin, scaling.power_of_two)
+    amax = quantize_kernel.row_amax(xg.view(torch.int32))  # NaN rows give a NaN amax, hence a NaN scale
     if isinstance(scaling, PerTensor) and scaling.delayed:
         if history is None:
             raise ValueError("delayed scaling needs an AmaxHistory: quantize(x, spec, history=AmaxHistory())")

@@ -6,7 +6,8 @@ scale along the columns) and gives each row one scale. The dequantized value is 
 =============  ===============================================  ====================================
 kind           groups                                           scale
 =============  ===============================================  ====================================
-PerTensor      one: the whole tensor                            ``amax * 2^margin / fmt_max`` (float32)
+PerTensor      one: the whole tensor                            ``amax * 2^margin / fmt_max`` (float32;
+                                                                amax measured, delayed, or static)
 PerAxis(a)     one per index along axis ``a`` (per channel)     ``amax / fmt_max`` (float32)
 PerGroup(a,g)  runs of ``g`` consecutive elements along ``a``   ``amax / fmt_max`` (float32)
 Block(a,k)     runs of ``k`` (32) elements along ``a`` (MX)     a power of two, stored as E8M0 codes
@@ -64,6 +65,11 @@ class PerTensor:
     ``delayed``: take amax from an :class:`AmaxHistory` of previous steps (TransformerEngine's delayed scaling)
     instead of this tensor; ``history_len`` and ``algo`` configure that history. ``power_of_two`` rounds the scale
     up to a power of two (no saturation, exact rescaling).
+
+    ``amax``: a *static* (calibrated) amax, as :func:`fewbit.calibrate` sets it: the scale is fixed at
+    ``amax * 2^margin / fmt_max`` whatever the tensor holds, values beyond it saturate to the format's max, and the
+    straight-through gradient is zeroed there (clipped STE). None (default): the amax comes from the tensor
+    (current scaling) or its history (``delayed``).
     """
 
     delayed: bool = False
@@ -71,11 +77,19 @@ class PerTensor:
     algo: AmaxAlgo = AmaxAlgo.MAX
     margin: int = 0
     power_of_two: bool = False
+    amax: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algo", parse_choice(AmaxAlgo, self.algo, "algo"))
         if self.history_len < 1:
             raise ValueError(f"history_len={self.history_len}; it must be >= 1")
+        if self.amax is not None:
+            amax = float(self.amax)
+            if not (amax > 0 and amax < float("inf")):
+                raise ValueError(f"amax={self.amax!r}; a static amax must be a positive finite number")
+            if self.delayed:
+                raise ValueError("a static amax and delayed=True exclude each other; set one of them")
+            object.__setattr__(self, "amax", amax)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Where models meet formats: quantized autograd functions, modules, and model conversion."""
 
 from fewbit.nn.convert import dequantize_, quantize_, summary, weight_bytes
+from fewbit.nn.fold import fold_batchnorm_
 from fewbit.nn.modules import QConv1d, QConv2d, QLinear, QMatmul
 
-__all__ = ["QConv1d", "QConv2d", "QLinear", "QMatmul", "dequantize_", "quantize_", "summary", "weight_bytes"]
+__all__ = ["QConv1d", "QConv2d", "QLinear", "QMatmul", "dequantize_", "fold_batchnorm_", "quantize_", "summary",
+           "weight_bytes"]

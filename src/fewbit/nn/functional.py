@@ -12,8 +12,9 @@ dW         T (tokens)                dY (grad_output, axis 0), X (input_backward
 
 Backward operands are re-quantized from the saved high-precision tensors along their own reduction axis. A
 per-tensor spec gives the same result along any axis, so its forward result is reused. Gradients pass straight
-through the quantizers (straight-through estimator); for specs with a known clipping range (delayed per-tensor
-scaling, where values above the history's amax clip) the gradient is zeroed outside that range.
+through the quantizers (straight-through estimator); for specs with a known clipping range (a static, calibrated
+amax, or delayed per-tensor scaling, where values above the history's amax clip) the gradient is zeroed outside
+that range (clipped STE).
 For convolutions the forward blocks run along the input channels (activations: axis 1; weights: the flattened
 C_in/groups * kh * kw of each output channel, the im2col reduction), dX along the output channels and dW along the
 batch.
@@ -60,7 +61,10 @@ def _per_tensor(spec: QuantSpec | None) -> bool:
 
 
 def _clip_mask(x: torch.Tensor, spec: QuantSpec | None, history: AmaxHistory | None) -> torch.Tensor | None:
-    """Where the straight-through gradient is kept: inside the clipping range of a delayed per-tensor spec."""
+    """Where the straight-through gradient is kept: inside the clipping range of a static (calibrated) or delayed
+    per-tensor spec."""
+    if spec is not None and isinstance(spec.scaling, PerTensor) and spec.scaling.amax is not None:
+        return x.abs() <= spec.scaling.amax * 2.0 ** spec.scaling.margin
     if spec is None or history is None or history.steps == 0:
         return None
     return x.abs() <= history.amax(x.abs().amax()) * 2.0 ** spec.scaling.margin
@@ -216,17 +220,18 @@ class QConvFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, recipe: Recipe, state: _State, options: tuple, weight_q):
         stride, padding, dilation, groups = options
         conv = F.conv1d if x.dim() == 3 else F.conv2d
+        in_mask = _clip_mask(x, recipe.input, state.history("input"))
         xq = quantize_operand(x, recipe.input, 1, recipe, state.history("input"))
         if weight_q is None:
             weight_q = quantize_operand(_weight_as_gemm(weight), recipe.weight, 1, recipe,
                                         state.history("weight")).reshape(weight.shape)
-        ctx.save_for_backward(x, weight)
+        ctx.save_for_backward(x, weight, in_mask)
         ctx.recipe, ctx.options = recipe, options
         return conv(xq, weight_q, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
+        x, weight, in_mask = ctx.saved_tensors
         recipe = ctx.recipe
         stride, padding, dilation, groups = ctx.options
         grad = torch.nn.grad
@@ -238,6 +243,8 @@ class QConvFunction(torch.autograd.Function):
             dyq = quantize_operand(dy, g, 1, recipe)
             wq = quantize_operand(weight, recipe.weight_backward, 0, recipe)
             dx = conv_input(x.shape, wq, dyq, stride, padding, dilation, groups)
+            if in_mask is not None:
+                dx = dx * in_mask
         if ctx.needs_input_grad[1]:  # reduction over the batch (and positions)
             dyq = quantize_operand(dy, g, 0, recipe)
             xq = quantize_operand(x, recipe.input_backward, 0, recipe)

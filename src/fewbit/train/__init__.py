@@ -2,7 +2,8 @@
 
 from fewbit.train.checkpoint import CheckpointError
 from fewbit.train.loop import TrainResult, shard, train
+from fewbit.train.qat import qat
 from fewbit.train.scaler import DynamicScaler, LogMaxScaler, LossScaleCollapse, StaticScaler
 
 __all__ = ["CheckpointError", "DynamicScaler", "LogMaxScaler", "LossScaleCollapse", "StaticScaler", "TrainResult",
-           "shard", "train"]
+           "qat", "shard", "train"]
