@@ -98,14 +98,14 @@ def load(spec: NumberCorpus | None = None) -> dict[str, list[tuple[str, str]]]:
     if not all(f.exists() for f in files.values()):
         for split, pairs in generate(spec).items():
             write_text(files[split], "".join(f"{src}\t{tgt}\n" for src, tgt in pairs))
-    return {s: _read(files[s]) for s in SPLITS}
+    return {s: read_pairs(files[s]) for s in SPLITS}
 
 
-def _read(path: Path) -> list[tuple[str, str]]:
+def read_pairs(path: Path) -> list[tuple[str, str]]:
     pairs = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         fields = line.split("\t")
-        if len(fields) != 2:
+        if len(fields) != 2:  # a cached corpus file damaged by hand or by a full disk
             raise ValueError(f"{path}:{number}: expected 'source<TAB>target', got {line!r}; delete {path.parent} to "
                              "regenerate the corpus")
         pairs.append((fields[0], fields[1]))
