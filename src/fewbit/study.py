@@ -47,6 +47,7 @@ class Study:
     workload: str
     metric: str
     higher_is_better: bool
+    secondary: str | None
     split: str
     config: dict
     baseline: dict
@@ -116,9 +117,9 @@ def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = ()
             bar.update(task, advance=1, info=f"{name}: {workload.metric} {value:.2f}")
     for row in rows:
         row.delta = row.metric - reference
-    study = Study(workload_name, workload.metric, workload.higher_is_better, split, config_dict(workload.config),
-                  {"path": str(base.path), **{k: base.record[k] for k in ("train", "valid", "data", "versions")
-                                              if k in base.record}}, rows)
+    kept = {k: base.record[k] for k in ("train", "valid", "data", "versions") if k in base.record}
+    study = Study(workload_name, workload.metric, workload.higher_is_better, workload.secondary, split,
+                  config_dict(workload.config), {"path": str(base.path), **kept}, rows)
     console.print(table(study))
     if out is None:
         out = Path("fewbit-study") / workload_name
@@ -137,11 +138,25 @@ def table(study: Study) -> Table:
     arrow = "higher is better" if study.higher_is_better else "lower is better"
     t = Table(title=f"fewbit study: {study.workload} ({study.split} split, {study.metric}: {arrow})",
               title_style="bold")
-    for col in ("recipe", study.metric, "change vs fp32", "bits/weight", "weight bytes"):
+    for col in _columns(study):
         t.add_column(col, justify="left" if col == "recipe" else "right")
-    for r in study.rows:
-        t.add_row(r.recipe, f"{r.metric:.2f}", f"{r.delta:+.2f}", f"{r.bits_per_weight:.2f}", f"{r.weight_bytes:,}")
+    for row in _cells(study):
+        t.add_row(*row)
     return t
+
+
+def _columns(study: Study) -> list[str]:
+    extra = [study.secondary] if study.secondary else []
+    return ["recipe", study.metric, "change vs fp32", *extra, "bits/weight", "weight bytes"]
+
+
+def _cells(study: Study) -> list[list[str]]:
+    rows = []
+    for r in study.rows:
+        extra = [f"{r.metrics[study.secondary]:.4f}"] if study.secondary else []
+        rows.append([r.recipe, f"{r.metric:.2f}", f"{r.delta:+.2f}", *extra, f"{r.bits_per_weight:.2f}",
+                     f"{r.weight_bytes:,}"])
+    return rows
 
 
 def markdown(study: Study) -> str:
@@ -150,14 +165,14 @@ def markdown(study: Study) -> str:
         f"# fewbit study: {study.workload}",
         "",
         f"Metric: **{study.metric}** on the {study.split} split ({'higher' if study.higher_is_better else 'lower'} "
-        "is better). The FP32 baseline is evaluated directly cast under each recipe: the weights and activations "
+        f"is better){f'; beside it {study.secondary}' if study.secondary else ''}. The FP32 baseline is "
+        "evaluated directly cast under each recipe: the weights and activations "
         "of every converted layer quantized as the recipe says, no retraining; embeddings and norms stay in "
         "float32. Bits per weight count the converted layers' weights with their scales.",
         "",
-        f"| recipe | {study.metric} | change vs fp32 | bits/weight | weight bytes |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {r.recipe} | {r.metric:.2f} | {r.delta:+.2f} | {r.bits_per_weight:.2f} | {r.weight_bytes:,} |"
-          for r in study.rows),
+        "| " + " | ".join(_columns(study)) + " |",
+        "|---" + "|---:" * (len(_columns(study)) - 1) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in _cells(study)),
         "",
         "## Baseline",
         "",

@@ -74,6 +74,7 @@ class Workload(abc.ABC):
     description: ClassVar[str]
     metric: ClassVar[str]  # the key of evaluate()'s result that a study reports
     higher_is_better: ClassVar[bool]
+    secondary: ClassVar[str | None] = None  # a finer-grained metric a study shows beside the main one (a loss)
     Config: ClassVar[type[TrainSettings]]
 
     def __init__(self, config: TrainSettings, artifacts: dict[str, bytes] | None = None) -> None:
