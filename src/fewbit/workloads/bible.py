@@ -25,7 +25,6 @@ names and versions. :func:`english_text` gives the KJV alone, split the same way
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
 import os
 import re
@@ -33,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fewbit.atomic import write_text
-from fewbit.workloads.cache import keyed_dir
+from fewbit.workloads.cache import keyed_dir, split_of
 from fewbit.workloads.numbers import read_pairs
 
 SPLITS = ("train", "valid", "test")
@@ -208,12 +207,7 @@ def _chapters(root: Path, module: str, spanish: bool = False) -> tuple[tuple[str
 
 
 def _split_of(book: str, chapter: int, spec: BibleCorpus) -> str:
-    bucket = int(hashlib.sha256(f"{spec.seed}:{book} {chapter}".encode()).hexdigest(), 16) % 100
-    if bucket < spec.test_percent:
-        return "test"
-    if bucket < spec.test_percent + spec.valid_percent:
-        return "valid"
-    return "train"
+    return split_of(f"{book} {chapter}", spec.seed, spec.valid_percent, spec.test_percent)
 
 
 def verse_pairs() -> list[tuple[str, str, str]]:

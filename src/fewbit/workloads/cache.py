@@ -30,3 +30,14 @@ def keyed_dir(kind: str, params: dict) -> Path:
     if not params_file.exists():
         write_text(params_file, text + "\n")
     return path
+
+
+def split_of(key: str, seed: int, valid_percent: int, test_percent: int) -> str:
+    """"train", "valid" or "test" for ``key`` by a hash of (seed, key): stable across runs and machines, so an
+    item (a sentence, a chapter, a file) is always in the same split and never in two."""
+    bucket = int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest(), 16) % 100
+    if bucket < test_percent:
+        return "test"
+    if bucket < test_percent + valid_percent:
+        return "valid"
+    return "train"

@@ -10,14 +10,13 @@ within a split are dropped. Everything is a function of the parameters and the s
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fewbit.atomic import write_text
-from fewbit.workloads.cache import keyed_dir
+from fewbit.workloads.cache import keyed_dir, split_of
 
 LANGUAGES = ("fr", "de", "es")
 KINDS = ("cardinal", "ordinal", "year")
@@ -56,12 +55,7 @@ def _num2words():
 
 
 def _split_of(source: str, spec: NumberCorpus) -> str:
-    bucket = int(hashlib.sha256(f"{spec.seed}:{source}".encode()).hexdigest(), 16) % 100
-    if bucket < spec.test_percent:
-        return "test"
-    if bucket < spec.test_percent + spec.valid_percent:
-        return "valid"
-    return "train"
+    return split_of(source, spec.seed, spec.valid_percent, spec.test_percent)
 
 
 def _draw(rng: random.Random, kind: str, spec: NumberCorpus) -> int:

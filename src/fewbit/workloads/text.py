@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewbit.atomic import write_bytes, write_text
-from fewbit.workloads.cache import keyed_dir
+from fewbit.workloads.cache import keyed_dir, split_of
 
 SPLITS = ("train", "valid", "test")
 SOURCES = ("stdlib", "kjv")
@@ -77,12 +77,7 @@ def _bucket(key: str, seed: int) -> int:
 
 
 def _split_of(key: str, spec: TextCorpus) -> str:
-    bucket = _bucket(key, spec.seed) % 100
-    if bucket < spec.test_percent:
-        return "test"
-    if bucket < spec.test_percent + spec.valid_percent:
-        return "valid"
-    return "train"
+    return split_of(key, spec.seed, spec.valid_percent, spec.test_percent)
 
 
 def stdlib_files(spec: TextCorpus | None = None) -> dict[str, list[str]]:
