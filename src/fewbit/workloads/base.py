@@ -25,6 +25,10 @@ import torch
 from torch import nn
 
 
+class DataError(RuntimeError):
+    """A data source is missing, broken or cannot be produced here; the message names the fix."""
+
+
 @dataclass(frozen=True)
 class Source:
     """One place a workload's data can come from, and whether it is usable on this machine."""
@@ -42,10 +46,14 @@ class Source:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Settings every workload shares: the optimizer (AdamW), its schedule (linear warmup, cosine decay to
-    ``min_lr_ratio * lr``) and evaluation. ``eval_limit`` caps the examples an evaluation reads (0: all)."""
+    """Settings every workload shares: the optimizer (``adamw``, betas 0.9/0.98; or ``sgd``, Nesterov momentum
+    0.9), its schedule (linear warmup, cosine decay to
+    ``min_lr_ratio * lr``) and evaluation. ``eval_limit`` caps the examples an evaluation reads (0: all).
+    ``device``: where training runs, "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one, else cpu);
+    evaluation runs wherever the model is."""
 
     seed: int = 0
+    optimizer: str = "adamw"
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
@@ -56,8 +64,14 @@ class TrainSettings:
     eval_every: int = 0
     eval_limit: int = 0
     threads: int = 0  # torch threads; 0 leaves torch's default
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer={self.optimizer!r}; valid: adamw, sgd")
+        if self.device not in ("cpu", "cuda", "auto") and not (self.device.startswith("cuda:")
+                                                               and self.device[5:].isdigit()):
+            raise ValueError(f"device={self.device!r}; valid: cpu, cuda, cuda:N, auto")
         for name in ("steps", "batch_size", "warmup", "eval_every", "eval_limit", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
@@ -208,6 +222,30 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return str(value)
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)
     raise ValueError(f"config key {key!r}: expected {names}, got {value!r}")
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device a config's ``device`` names; asking for CUDA where there is none is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but torch sees no CUDA device here; use device=cpu (or auto)")
+    return torch.device(device)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` (a tensor, or tuples, lists and dicts of them) on ``device``; anything else unchanged."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple | list):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def batch_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:

@@ -23,7 +23,7 @@ from torch import nn
 from fewbit import recipes as _recipes
 from fewbit.atomic import write_bytes, write_text
 from fewbit.workloads import get
-from fewbit.workloads.base import Workload, config_dict
+from fewbit.workloads.base import Workload, config_dict, resolve_device, to_device
 
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -56,8 +56,10 @@ def _optimizer(config):
         params = list(params)
         decay = [p for p in params if p.ndim >= 2]  # matrices decay; biases, norms and scales do not
         rest = [p for p in params if p.ndim < 2]
-        return torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
-                                  {"params": rest, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
 
     return build
 
@@ -73,12 +75,14 @@ def train(workload: Workload, recipe: str | _recipes.Recipe = "fp32", out: str |
     c = workload.config
     if c.threads:
         torch.set_num_threads(c.threads)
+    device = resolve_device(c.device)
     workload.setup()
-    model = workload.build_model()
+    model = workload.build_model().to(device)
     out = Path(out) if out is not None else None
     started = time.perf_counter()
     result = train_loop(
-        model, _optimizer(c), workload.batch, workload.loss, steps=c.steps, precision=recipe,
+        model, _optimizer(c), lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
+        steps=c.steps, precision=recipe,
         lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup, c.steps,
                                                                                      c.min_lr_ratio)),
         grad_clip=c.grad_clip or None, eval_fn=lambda m: workload.evaluate(m, "valid"), eval_every=c.eval_every,

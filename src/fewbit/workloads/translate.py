@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fewbit.workloads import numbers, tokenizer
-from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator
+from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, model_device
 from fewbit.workloads.tokenizer import BOS, EOS, PAD
 from fewbit.workloads.transformer import Seq2SeqTransformer, TransformerConfig
 
@@ -153,12 +153,13 @@ class Translate(Workload):
         was_training = model.training
         model.eval()
         net = _inner(model)
+        device = model_device(model)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch together
         hyps: list[str] = [""] * len(rows)
         loss_sum, tokens = 0.0, 0
         for start in range(0, len(order), c.eval_batch_size):
             idx = order[start:start + c.eval_batch_size]
-            src, tgt = _pad([rows[i][0] for i in idx]), _pad([rows[i][1] for i in idx])
+            src, tgt = _pad([rows[i][0] for i in idx]).to(device), _pad([rows[i][1] for i in idx]).to(device)
             n = int((tgt[:, 1:] != PAD).sum())
             loss_sum += float(net.loss(src, tgt)) * n
             tokens += n
@@ -184,7 +185,7 @@ class Translate(Workload):
         """(source, reference, translation) for the first ``n`` sentences of a split."""
         rows = self.splits[split][:n]
         model.eval()
-        out = _inner(model).greedy(_pad([r[0] for r in rows]), max_len=self.config.max_len + 1)
+        out = _inner(model).greedy(_pad([r[0] for r in rows]).to(model_device(model)), max_len=self.config.max_len + 1)
         return [(self.tokenizer.decode(r[0]), r[2], self.tokenizer.decode(ids))
                 for r, ids in zip(rows, out.tolist(), strict=True)]
 
