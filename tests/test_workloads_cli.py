@@ -90,12 +90,12 @@ def test_workloads_lists_sources_and_availability(capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["train", "nope"], r"unknown workload 'nope'; valid: translate"),
+    (["train", "nope"], r"unknown workload 'nope'; valid: translate, lm, vision, asr"),
     (["train", "translate", "--recipe", "fp9"], r"unknown recipe 'fp9'; valid: fp32, bf16"),
     (["train", "translate", "colour=red"], r"unknown config key 'colour' in overrides; valid keys: batch_size"),
     (["train", "translate", "steps=many"], r"config key 'steps': expected int, got 'many'"),
     (["train", "translate", "steps"], r"override 'steps' is not key=value"),
-    (["train", "translate", "--config", "huge"], r"unknown config 'huge' for workload 'translate'; valid: quick"),
+    (["train", "translate", "--config", "huge"], r"unknown config 'huge' for workload 'translate'; valid: gpu, quick"),
     (["train", "translate", "target=xx"], r"target language 'xx'; valid: fr, de, es"),
     (["study", "translate", "--recipes", "fp32,fp9"], r"unknown recipe 'fp9'"),
     (["eval", "translate", "--checkpoint", "/nonexistent"], r"not a fewbit run: no run.json"),

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fewbit import formats
+from fewbit.workloads.base import DataError
 
 
 def _number(value: float) -> str:
@@ -240,8 +241,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_options(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with ``--key value`` and ``--key=value`` rewritten to the override ``key=value`` wherever ``--key``
+    is not an option of the command (``fewbit study vision --model mobilenet_v2``); dashes in keys become
+    underscores. Whether the key exists is checked against the workload's config later."""
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    if not argv or argv[0] not in commands or "overrides" not in {a.dest for a in commands[argv[0]]._actions}:
+        return argv
+    known = commands[argv[0]]._option_string_actions
+    out, i = [argv[0]], 1
+    while i < len(argv):
+        item = argv[i]
+        key, sep, value = item.partition("=")
+        if item.startswith("--") and len(item) > 2 and key not in known:
+            if not sep:
+                if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                    parser.error(f"{item} needs a value (a config key: {item} VALUE or {key[2:]}=VALUE)")
+                value, i = argv[i + 1], i + 1
+            out.append(f"{key[2:].replace('-', '_')}={value}")
+        else:
+            out.append(item)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = _config_options(parser, list(sys.argv[1:] if argv is None else argv))
     # key=value overrides may come before or after the options (argparse alone takes them only before).
     args, extra = parser.parse_known_args(argv)
     stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
@@ -251,7 +277,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, FileNotFoundError, ImportError, DataError) as error:
         print(f"fewbit: error: {error}", file=sys.stderr)
         return 2
 

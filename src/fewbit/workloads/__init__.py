@@ -12,6 +12,9 @@ from fewbit.workloads.base import Source, TrainSettings, Workload
 
 _REGISTRY = {
     "translate": ("fewbit.workloads.translate", "Translate"),
+    "lm": ("fewbit.workloads.lm", "LanguageModel"),
+    "vision": ("fewbit.workloads.vision", "Vision"),
+    "asr": ("fewbit.workloads.asr", "SpeechRecognition"),
 }
 
 

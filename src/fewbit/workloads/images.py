@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fewbit.workloads.base import DataError
+
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -45,7 +47,7 @@ _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
 
 
-class DatasetError(RuntimeError):
+class DatasetError(DataError):
     """A data file is missing, truncated or malformed; the message names the file and the fix."""
 
 

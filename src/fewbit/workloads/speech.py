@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from fewbit.atomic import write_bytes, write_text
+from fewbit.workloads.base import DataError
 from fewbit.workloads.cache import keyed_dir
 
 SPLITS = ("train", "valid", "test")
@@ -72,7 +73,7 @@ VOCAB_SIZE = 1 + len(CHARACTERS)
 _CHAR_IDS = {c: i + 1 for i, c in enumerate(CHARACTERS)}
 
 
-class SynthesisError(RuntimeError):
+class SynthesisError(DataError):
     """The speech synthesizer is missing or failed; the message says how to fix it."""
 
 
