@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import fewbit
-from fewbit.calibrate import METHODS, Histogram, kl_divergences
+from fewbit.calibrate import METHODS, Histogram, kl_divergences, ptq_methods
 from fewbit.nn.modules import QLinear
 
 
@@ -286,6 +286,23 @@ def test_calibrate_bad_input():
         fewbit.calibrate(_mlp(), [torch.full((2, 16), float("nan"))], recipe="int8")
 
 
+
+def test_calibrate_runs_a_training_model_in_eval_mode_and_restores_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
+    model[1].running_mean.fill_(3.0)  # eval-mode BatchNorm shifts the second layer's input by -3
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        expected = model.eval()(x)  # the float eval-mode pass: no dropout, running statistics
+        second_input = model[2](model[1](model[0](x)))
+    model.train()
+    fewbit.calibrate(model, [x], "max", recipe="int8")
+    assert model.training and model[1].training  # the mode is restored
+    assert model[3].recipe.input.scaling.amax == float(second_input.abs().max())
+    model.eval()
+    with torch.no_grad():
+        assert (model(x) - expected).abs().max() < 0.05 * expected.abs().max()
+
 # ---- PTQ ----------------------------------------------------------------------------------------------------------
 
 
@@ -386,6 +403,28 @@ def test_ptq_rejects_bad_input(task):
     quantized = fewbit.quantize_(_copy(model), "int8")
     with pytest.raises(ValueError, match="float model"):
         fewbit.ptq(quantized, "int8", [train[0][:8]], lambda m: 0.0)
+    # Recipes without a static range to calibrate fail before any evaluation.
+    never = lambda m: pytest.fail("evaluated")  # noqa: E731
+    with pytest.raises(ValueError, match=r"recipe 'mxfp8'.*Use one of: fp8, fp8_current, int8"):
+        fewbit.ptq(_copy(model), "mxfp8", [train[0][:8]], never)
+    with pytest.raises(ValueError, match="leave 'entropy' out"):
+        fewbit.ptq(_copy(model), "fp8_current", [train[0][:8]], never, methods=["max", "entropy"])
+    assert ptq_methods("fp8_current") == [m for m in METHODS if m != "entropy"]  # the default: what applies
+    assert ptq_methods("int8") == list(METHODS)
+    with pytest.raises(ValueError, match="eval_fn returned nan for the float model"):
+        fewbit.ptq(_copy(model), "int8", [train[0][:8]], lambda m: math.nan)
+
+
+def test_ptq_never_chooses_a_calibrator_whose_metric_is_nan(task):
+    model, train, test = task
+    calls = iter(range(100))
+
+    def eval_fn(m):  # the float model, then max (NaN), then the other calibrators
+        return math.nan if next(calls) == 1 else _accuracy(m, test)
+
+    _, report = fewbit.ptq(_copy(model), "int8", [train[0][:256]], eval_fn, methods=["max", "entropy", "mse"])
+    assert math.isnan(report.calibrator_metrics["max"]) and report.chosen_calibrator != "max"
+    assert report.within_tolerance
 
 
 # ---- QAT ----------------------------------------------------------------------------------------------------------

@@ -18,18 +18,33 @@ def _eager(monkeypatch):
     monkeypatch.setenv("FEWBIT_COMPILE", "0")
 
 
-def _run(proto, x: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": x.numpy()})[0]
+def _session(proto, optimize: bool = True, optimized_path=None):
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not optimize:  # every QDQ op runs as written, in float: the graph's reference semantics
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if optimized_path is not None:
+        options.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(proto, x: torch.Tensor, optimize: bool = True) -> np.ndarray:
+    return _session(proto, optimize).run(None, {"input": x.numpy()})[0]
 
 
 def _check_agreement(model, proto, x):
+    """The documented tolerances (fewbit.export), relative to max |output|: the graph as written agrees with fewbit's
+    fake quantization to accumulation order; onnxruntime's integer kernels round biases to int32 and requantize,
+    so an intermediate activation code can move by one step. Returns the max difference of the integer kernels."""
     with torch.no_grad():
         expected = model.eval()(x).numpy()
-    got = _run(proto, x)
-    # Documented tolerance (fewbit.export): codes agree; only the accumulation order differs.
-    assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max() + 1e-5
-    return np.abs(got - expected).max()
+    scale = np.abs(expected).max()
+    as_written = _run(proto, x, optimize=False)
+    assert np.abs(as_written - expected).max() <= 1e-4 * scale + 1e-5
+    integer = _run(proto, x)
+    assert np.abs(integer - expected).max() <= 0.05 * scale + 1e-5
+    assert (integer.argmax(-1) == expected.argmax(-1)).mean() >= 0.95
+    return np.abs(integer - expected).max()
 
 
 def _mlp():
@@ -75,7 +90,7 @@ def test_weights_are_fewbits_int8_codes_with_per_channel_scales():
           and init[n.input[0]].dtype == np.int8]
     assert all(any(a.name == "axis" and a.i == 0 for a in n.attribute) for n in dq)
     scale = model[0].recipe.input.scaling.amax / 127
-    assert any(v.dtype == np.float32 and v.shape == (1,) and v[0] == np.float32(scale) for v in init.values())
+    assert any(v.dtype == np.float32 and v.size == 1 and v.item() == np.float32(scale) for v in init.values())
 
 
 def test_bn_folded_cnn_matches_fake_quant(tmp_path):
@@ -106,3 +121,66 @@ def test_export_refuses_what_onnx_cannot_run():
     model = fewbit.quantize_(_mlp(), "fp8_current")
     with pytest.raises(ValueError, match="symmetric INT8"):
         fewbit.export_onnx(model, torch.randn(2, 8))
+
+
+# ---- residual adds and integer kernels ------------------------------------------------------------------------------
+
+
+def _calibrated_cnn(name: str):
+    """A small ResNet or MobileNet-v2 (random weights, random BatchNorm statistics so no residual branch is zero),
+    BN folded, INT8 with entropy-calibrated ranges."""
+    from tests.test_workloads_models import tiny_cnn
+
+    model = tiny_cnn(name).eval()
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) * 1.5 + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+    fewbit.fold_batchnorm_(model)
+    fewbit.calibrate(model, [torch.randn(32, 1, 12, 12, generator=g) for _ in range(3)], "entropy", recipe="int8")
+    return model
+
+
+def _add_inputs_are_dequantized(proto) -> list[bool]:
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    return [all(producer[i].op_type == "DequantizeLinear" for i in n.input) for n in proto.graph.node
+            if n.op_type == "Add"]
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2"])
+def test_cnn_with_residual_adds_runs_on_integer_kernels(name, tmp_path):
+    model = _calibrated_cnn(name)
+    adds = [m for m in model.modules() if isinstance(m, fewbit.nn.QAdd)]
+    assert adds and all(a.a.recipe.input.scaling.amax and a.b.recipe.input.scaling.amax for a in adds)
+    x = torch.randn(128, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    proto = fewbit.export_onnx(model, x[:2])
+    assert _add_inputs_are_dequantized(proto) == [True] * len(adds)  # Q/DQ on both inputs of every add
+    assert _check_agreement(model, proto, x) > 0  # the integer kernels really ran (they round differently)
+    _session(proto, optimized_path=tmp_path / "optimized.onnx")
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    # Every convolution runs on integers but MobileNet's last one (its output is averaged in float).
+    assert ops.count("QLinearConv") == len(convs) - (name == "mobilenet_v2")
+    # Every add whose sum is quantized next runs on integers (ResNet's last sum goes through ReLU to the mean).
+    assert ops.count("QLinearAdd") == len(adds) - (name == "resnet")
+
+
+@pytest.mark.parametrize("name", ["resnet", "mobilenet_v2"])
+def test_merging_quantizers_and_moving_them_above_clamps_is_exact(name, monkeypatch):
+    from fewbit import export
+
+    model = _calibrated_cnn(name)
+    x = torch.randn(64, 1, 12, 12) * 2
+    with monkeypatch.context() as patch:  # the graph as the exporter wrote it
+        for rewrite in ("_merge_duplicate_quantizers", "_quantize_before_clamps"):
+            patch.setattr(export, rewrite, lambda graph: None)
+        proto = fewbit.export_onnx(model, x[:2])
+    reference = _run(proto, x, optimize=False)
+    before = len(proto.graph.node)
+    export._merge_duplicate_quantizers(proto.graph)
+    assert len(proto.graph.node) < before  # a block's input feeds two quantized layers
+    assert export._quantize_before_clamps(proto.graph) > 0
+    np.testing.assert_array_equal(_run(proto, x, optimize=False), reference)

@@ -41,16 +41,23 @@ cover ``[0, amax]``.
 The candidate with the least KL wins (the smallest on ties). Entropy needs a uniform integer grid: it is defined for
 integer formats; for FP8 use ``max``, a percentile or ``mse``.
 
-**What is calibrated.** Every quantized layer (QLinear, QConv1d/2d) whose recipe has a per-tensor ``input`` spec:
-its input gets the static ``amax`` (``PerTensor(amax=...)``). Weights need no calibration data: the ``int8`` recipe
+**What is calibrated.** Every quantized layer (QLinear, QConv1d/2d, and the two input quantizers ``a`` and ``b``
+of each :class:`~fewbit.nn.QAdd`, the residual adds) whose recipe has a per-tensor ``input`` spec: its input gets
+the static ``amax`` (``PerTensor(amax=...)``). Weights need no calibration data: the ``int8`` recipe
 scales them per output channel by their own max at run time (the paper's choice for weights). MX formats (per-block
 E8M0 scales from each block's own max) need no calibration either; calibrating a model whose inputs use MX or
 per-axis scaling is an error. ``QMatmul`` (attention's activation-times-activation products) is left on dynamic
 per-tensor scaling and listed in :attr:`Calibration.skipped`.
 
-**The pass.** The model runs in eval mode (BatchNorm on running statistics, dropout off; its mode is restored
-afterwards), without gradients, with every quantized layer computing in float (the paper calibrates on the float
-network). A NaN or infinite activation is an error naming the layer.
+**The pass.** The model runs in eval mode (BatchNorm on running statistics, dropout off), whatever mode it was
+in (a model in train mode is put back in train mode afterwards), without gradients, with every quantized layer
+computing in float (the paper calibrates on the float network). A NaN or infinite activation is an error naming the
+layer.
+
+**PTQ metrics.** :func:`ptq` compares metrics relative to the float one: a metric is within ``tolerance`` when it is
+at most ``tolerance * |float metric|`` worse (below it when higher is better, above it otherwise). A NaN metric
+counts as the worst possible (a calibrator or layer that makes the model produce NaN is never chosen and ranks as
+the most sensitive); a non-finite float metric is an error, since nothing can be compared with it.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ from fewbit.qtensor import QuantSpec, fake_quantize
 from fewbit.recipes import Recipe
 from fewbit.scaling import Block, PerAxis, PerTensor
 
-__all__ = ["METHODS", "Calibration", "Histogram", "PTQReport", "calibrate", "collect", "ptq"]
+__all__ = ["METHODS", "Calibration", "Histogram", "PTQReport", "calibrate", "collect", "ptq", "ptq_methods"]
 
 NUM_BINS = 2048
 ENTROPY_START_BIN = 128
@@ -466,13 +473,42 @@ class PTQReport:
 
 
 def _within(metric: float, reference: float, tolerance: float, higher_is_better: bool) -> bool:
-    """Relative tolerance: at most ``tolerance * |reference|`` worse than ``reference``."""
+    """Relative tolerance: at most ``tolerance * |reference|`` worse than ``reference`` (NaN: never within)."""
     margin = tolerance * abs(reference)
     return metric >= reference - margin if higher_is_better else metric <= reference + margin
 
 
+def _badness(metric: float, higher_is_better: bool) -> float:
+    """A sort key, smaller is better; NaN is the worst."""
+    if math.isnan(metric):
+        return math.inf
+    return -metric if higher_is_better else metric
+
+
+def ptq_methods(recipe: Recipe | str, methods: Iterable[str] | None = None) -> list[str]:
+    """The calibration methods :func:`ptq` tries for ``recipe``: ``methods``, checked, or by default every method of
+    :data:`METHODS` that applies to the recipe's input format (entropy needs an integer grid). A recipe without a
+    per-tensor input spec has no static range to calibrate: ValueError naming the recipes that have one."""
+    recipe = _recipes.get(recipe)
+    spec = recipe.input
+    if spec is None or not isinstance(spec.scaling, PerTensor):
+        usable = [name for name in _recipes.names()
+                  if (r := _recipes.get(name)).input is not None and isinstance(r.input.scaling, PerTensor)]
+        raise ValueError(f"ptq calibrates static per-tensor input ranges; recipe {recipe.name!r} has input spec "
+                         f"{spec}, which has none to calibrate. Use one of: {', '.join(usable)}")
+    if methods is None:
+        return [m for m in METHODS if m != "entropy" or spec.format.is_int]
+    methods = [_check_method(m) for m in methods]
+    if not methods:
+        raise ValueError(f"ptq: no calibration methods given; valid: {', '.join(METHODS)}")
+    if "entropy" in methods and not spec.format.is_int:
+        raise ValueError(f"entropy calibration needs a uniform integer grid; recipe {recipe.name!r} quantizes inputs "
+                         f"to {spec.format.name}: leave 'entropy' out of methods")
+    return methods
+
+
 def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn: Callable[[nn.Module], float], *,
-        tolerance: float = 0.01, higher_is_better: bool = True, methods: Iterable[str] = METHODS,
+        tolerance: float = 0.01, higher_is_better: bool = True, methods: Iterable[str] | None = None,
         max_float_layers: int | None = None, forward_fn: Callable[[nn.Module, object], object] | None = None,
         progress: bool = False) -> tuple[nn.Module, PTQReport]:
     """Post-training quantization of a float ``model`` by ``recipe`` (e.g. ``"int8"``: per-channel weights,
@@ -480,7 +516,8 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
 
     1. ``eval_fn(model)`` on the float model (a float; ``higher_is_better=False`` for losses, WER, perplexity);
     2. convert, collect the input histograms once over ``calib_batches``, then evaluate every calibrator in
-       ``methods`` (no further pass over the calibration data) and keep the best;
+       ``methods`` (default: every one that applies, :func:`ptq_methods`; no further pass over the calibration
+       data) and keep the best;
     3. if the metric is more than ``tolerance`` (relative to ``|float metric|``) worse than float, rank the
        quantized layers by sensitivity (the metric with *only* that layer quantized) and leave the most sensitive
        in float, one more at a time, until within tolerance (or ``max_float_layers`` are float).
@@ -489,12 +526,10 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
     mode. Returns ``(model, report)``; ``progress`` prints each evaluation (rich).
     """
     started = time.perf_counter()
-    methods = [_check_method(m) for m in methods]
-    if not methods:
-        raise ValueError(f"ptq: no calibration methods given; valid: {', '.join(METHODS)}")
+    recipe = _recipes.get(recipe)
+    methods = ptq_methods(recipe, methods)
     if not tolerance >= 0:
         raise ValueError(f"tolerance={tolerance}; it must be a relative tolerance >= 0 (0.01 is 1%)")
-    recipe = _recipes.get(recipe)
     if any(isinstance(m, _Quantized) and not m.recipe.is_identity for m in model.modules()):
         raise ValueError("ptq takes a float model; this one already has quantized layers (fewbit.dequantize_ it "
                          "first, or use fewbit.calibrate on it)")
@@ -515,14 +550,16 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
         return metric
 
     float_metric = evaluate("float", [])
+    if not math.isfinite(float_metric):
+        raise ValueError(f"ptq: eval_fn returned {float_metric} for the float model; a tolerance relative to it "
+                         "means nothing (check the model and eval_fn)")
     quantize_(model, recipe)
     calibration = collect(model, calib_batches, forward_fn=forward_fn)
     metrics = {}
     for method in methods:
         calibration.apply(model, method)
         metrics[method] = evaluate(f"calibrator {method}", [])
-    pick = max if higher_is_better else min
-    chosen = pick(methods, key=lambda m: metrics[m])
+    chosen = min(methods, key=lambda m: _badness(metrics[m], higher_is_better))
     layer_amax = calibration.apply(model, chosen)
     calibrated = metrics[chosen]
 
@@ -539,7 +576,7 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
         for name in quantized:
             set_quantized({name})
             sensitivity[name] = evaluate(f"sensitivity {name}", [n for n in quantized if n != name])
-        worst_first = sorted(quantized, key=lambda n: sensitivity[n], reverse=not higher_is_better)
+        worst_first = sorted(quantized, key=lambda n: _badness(sensitivity[n], higher_is_better), reverse=True)
         sensitivity = {name: sensitivity[name] for name in worst_first}
         limit = len(worst_first) if max_float_layers is None else min(max_float_layers, len(worst_first))
         set_quantized(set(quantized))

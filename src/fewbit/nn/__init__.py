@@ -2,7 +2,7 @@
 
 from fewbit.nn.convert import dequantize_, quantize_, summary, weight_bytes
 from fewbit.nn.fold import fold_batchnorm_
-from fewbit.nn.modules import QConv1d, QConv2d, QLinear, QMatmul
+from fewbit.nn.modules import QActivation, QAdd, QConv1d, QConv2d, QLinear, QMatmul
 
-__all__ = ["QConv1d", "QConv2d", "QLinear", "QMatmul", "dequantize_", "fold_batchnorm_", "quantize_", "summary",
-           "weight_bytes"]
+__all__ = ["QActivation", "QAdd", "QConv1d", "QConv2d", "QLinear", "QMatmul", "dequantize_", "fold_batchnorm_",
+           "quantize_", "summary", "weight_bytes"]

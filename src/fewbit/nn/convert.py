@@ -18,7 +18,7 @@ from torch import nn
 
 from fewbit import recipes as _recipes
 from fewbit.nn.functional import current_scaling
-from fewbit.nn.modules import QConv1d, QConv2d, QLinear, QMatmul, _Quantized
+from fewbit.nn.modules import RECIPE_ONLY, QConv1d, QConv2d, QLinear, _Quantized
 from fewbit.qtensor import quantize
 from fewbit.recipes import Recipe
 from fewbit.scaling import PerTensor
@@ -68,7 +68,7 @@ class QHFConv1D(QLinear):
 
 def _convert_one(module: nn.Module, recipe: Recipe) -> nn.Module | None:
     if isinstance(module, _Quantized):
-        return type(module).from_float(module, recipe) if isinstance(module, QMatmul) else None
+        return type(module).from_float(module, recipe) if isinstance(module, RECIPE_ONLY) else None
     hf_conv1d = _hf_conv1d_type()
     if type(module) is nn.Linear:
         return QLinear.from_float(module, recipe)
@@ -88,7 +88,7 @@ def _has_own_params(module: nn.Module) -> bool:
 def quantize_(model: nn.Module, recipe: Recipe | str,
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
               layer_recipes: dict[str, Recipe | str | None] | None = None) -> nn.Module:
-    """Convert ``model``'s Linear, Conv1d, Conv2d (and GPT-2 Conv1D, and fewbit's QMatmul) layers in place.
+    """Convert ``model``'s Linear, Conv1d, Conv2d (and GPT-2 Conv1D, and fewbit's QMatmul and QAdd) layers in place.
 
     ``recipe``: a Recipe or a preset name. ``filter_fn(module, name)``: convert only where it returns True.
     ``layer_recipes``: ``{name pattern: recipe or None}``, first match wins; None leaves the layer in float
@@ -99,7 +99,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str,
     skipped: dict[str, str] = {}
     converted = 0
     for name, module in list(model.named_modules()):
-        if name == "" and not isinstance(module, QMatmul):
+        if name == "" and not isinstance(module, RECIPE_ONLY):
             continue
         layer_recipe = recipe
         for pattern, override in layer_recipes.items():
@@ -110,7 +110,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str,
             skipped[name] = "kept in float by layer_recipes"
             continue
         if filter_fn is not None and not filter_fn(module, name):
-            if _has_own_params(module) or isinstance(module, QMatmul):
+            if _has_own_params(module) or isinstance(module, RECIPE_ONLY):
                 skipped[name] = "excluded by filter_fn"
             continue
         new = _convert_one(module, layer_recipe)

@@ -210,6 +210,29 @@ def qmatmul(a: torch.Tensor, b: torch.Tensor, recipe: Recipe, state: _State | No
     return QMatmulFunction.apply(a, b, recipe, state or _State(recipe))
 
 
+class QActivationFunction(torch.autograd.Function):
+    """One activation fake-quantized by the ``input`` spec (per tensor); the gradient passes straight through,
+    zeroed where a static or delayed range clipped the value (clipped STE, as for a GEMM's input)."""
+
+    @staticmethod
+    def forward(ctx, x, recipe: Recipe, state: _State):
+        mask = _clip_mask(x, recipe.input, state.history("input"))
+        ctx.save_for_backward(mask)
+        return quantize_operand(x, recipe.input, 1, recipe, state.history("input"))
+
+    @staticmethod
+    def backward(ctx, dy):
+        (mask,) = ctx.saved_tensors
+        return (dy if mask is None else dy * mask), None, None
+
+
+def qactivation(x: torch.Tensor, recipe: Recipe, state: _State | None = None) -> torch.Tensor:
+    """``x`` fake-quantized by the recipe's ``input`` spec; ``x`` itself under an identity recipe."""
+    if recipe.is_identity:
+        return x
+    return QActivationFunction.apply(x, recipe, state or _State(recipe))
+
+
 def _weight_as_gemm(weight: torch.Tensor) -> torch.Tensor:
     """A conv weight (O, C/g, *k) as the (O, C/g * prod(k)) matrix of the im2col GEMM."""
     return weight.reshape(weight.shape[0], -1)

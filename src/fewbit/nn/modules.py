@@ -1,8 +1,10 @@
-"""Quantized modules: drop-in subclasses of ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, and ``QMatmul``.
+"""Quantized modules: drop-in subclasses of ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``; ``QMatmul`` (activation x
+activation products) and ``QAdd`` (residual adds).
 
 Each keeps its float parameters (same names, same ``state_dict`` keys) and quantizes on the fly by its recipe. In
 eval mode without autograd the quantized weight is cached and recomputed when the weight changes (its version
-counter or storage moves).
+counter or storage moves). ``QMatmul`` and ``QActivation`` (the two input quantizers of a ``QAdd``) have no
+weights: ``quantize_`` converts them by setting their recipe in place.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from torch import nn
 from fewbit import recipes as _recipes
 from fewbit.nn import functional as QF
 from fewbit.recipes import Recipe
+from fewbit.scaling import PerTensor
 
 
 class _Quantized:
@@ -152,3 +155,64 @@ class QMatmul(_Quantized, nn.Module):
 
     def extra_repr(self) -> str:
         return f"recipe={self.recipe.name}"
+
+
+def _integer_per_tensor(recipe: Recipe) -> bool:
+    """Whether ``recipe`` quantizes inputs to an integer format with one scale per tensor (``int8``): the recipes
+    under which :class:`QActivation` quantizes."""
+    spec = recipe.input
+    return spec is not None and spec.format.is_int and isinstance(spec.scaling, PerTensor)
+
+
+class QActivation(_Quantized, nn.Module):
+    """One activation quantized on its own, as an integer runtime stores it between two integer ops (each input of a
+    :class:`QAdd`). Under a recipe whose ``input`` spec is an integer format with one scale per tensor (``int8``)
+    it fake-quantizes its input by that spec, with a static range once calibrated (:func:`fewbit.calibrate` treats
+    it like any layer's input), and passes the gradient straight through (zeroed where a static range clipped).
+    Under every other recipe it is the identity and its recipe reads fp32: float formats (FP8, MX) are added in
+    high precision by the hardware that uses them, and no runtime adds block-scaled tensors as integers."""
+
+    weight = None
+
+    def __init__(self, recipe: Recipe | str = "fp32") -> None:
+        super().__init__()
+        self._init_quant(recipe)
+
+    def _init_quant(self, recipe: Recipe | str) -> None:
+        recipe = _recipes.get(recipe)
+        super()._init_quant(recipe if _integer_per_tensor(recipe) else "fp32")
+
+    @classmethod
+    def from_float(cls, module: QActivation, recipe: Recipe | str) -> QActivation:
+        module._init_quant(recipe)
+        return module
+
+    def to_float(self) -> QActivation:
+        self._init_quant("fp32")
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return QF.qactivation(x, self.recipe, self._state)
+
+    def extra_repr(self) -> str:
+        return f"recipe={self.recipe.name}"
+
+
+class QAdd(nn.Module):
+    """``a + b`` with each input quantized by its own :class:`QActivation` (``self.a``, ``self.b``), which
+    ``quantize_`` converts and :func:`fewbit.calibrate` calibrates, each with its own range. This is what an INT8
+    runtime needs to add on integer codes (onnxruntime's QLinearAdd, after :func:`fewbit.export_onnx`); fewbit's
+    models use it for their residual adds. Under the fp32 recipe, and under every recipe whose inputs are not
+    per-tensor integers, it is exactly ``a + b``. The sum itself stays in float: the next quantized layer
+    quantizes it."""
+
+    def __init__(self, recipe: Recipe | str = "fp32") -> None:
+        super().__init__()
+        self.a, self.b = QActivation(recipe), QActivation(recipe)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a(a) + self.b(b)
+
+
+# Quantized modules without weights: quantize_ sets their recipe in place instead of swapping the module.
+RECIPE_ONLY = (QMatmul, QActivation)

@@ -12,7 +12,9 @@ back with a 1x1 conv *without* an activation (the "linear bottleneck": ReLU on a
 information). ReLU6 elsewhere; a residual where input and output shapes match. The stage table is the ImageNet one
 trimmed for 28x28 input: two stride-2 stages instead of five.
 
-Both use only ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.Linear``, so ``fewbit.quantize_`` reaches every GEMM.
+Both are built from ``nn.Conv2d``, ``nn.BatchNorm2d`` and ``nn.Linear``, so ``fewbit.quantize_`` reaches every GEMM;
+their residual adds are :class:`~fewbit.nn.QAdd` modules, which under ``int8`` quantize both inputs with calibrated
+ranges, as an INT8 runtime adds them (under fp32: exactly ``a + b``).
 Shapes: N batch, C channels, H x W spatial.
 """
 
@@ -22,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from fewbit.nn.modules import QAdd
 
 
 def _round_channels(channels: float, divisor: int = 8) -> int:
@@ -56,10 +60,11 @@ class BasicBlock(nn.Module):
         self.body = nn.Sequential(*_conv_bn(c_in, c_out, 3, stride), nn.ReLU(inplace=True), *_conv_bn(c_out, c_out, 3))
         self.shortcut = (nn.Identity() if stride == 1 and c_in == c_out
                          else nn.Sequential(*_conv_bn(c_in, c_out, 1, stride)))
+        self.add = QAdd()
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.body(x) + self.shortcut(x))
+        return self.relu(self.add(self.body(x), self.shortcut(x)))
 
 
 class ResNet(nn.Module):
@@ -120,9 +125,11 @@ class InvertedResidual(nn.Module):
         layers += _conv_bn(hidden, c_out, 1)  # linear bottleneck: no activation
         self.body = nn.Sequential(*layers)
         self.residual = stride == 1 and c_in == c_out
+        if self.residual:
+            self.add = QAdd()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x) if self.residual else self.body(x)
+        return self.add(x, self.body(x)) if self.residual else self.body(x)
 
 
 class MobileNetV2(nn.Module):

@@ -1,0 +1,215 @@
+"""``fewbit ptq``: post-training quantization of a workload's trained FP32 model, the INT8 paper's way.
+
+The FP32 model is a saved run (``checkpoint``) or the cached FP32 baseline of the workload's config, the one
+``fewbit study`` uses (trained first when missing). Then:
+
+1. BatchNorm layers that follow a convolution are folded into it (what an INT8 runtime executes; a model without
+   BatchNorm is unchanged);
+2. :func:`fewbit.ptq` converts the model, collects activation histograms in one pass over the calibration batches,
+   evaluates every calibrator and keeps the best; if that is more than the tolerance off the FP32 metric, it leaves
+   the most sensitive layers in float until it is within;
+3. the FP32 and the quantized model are evaluated on the test split as well.
+
+**Calibration batches.** Batch ``i`` of ``n`` is the workload's training batch at step ``config.steps + i``:
+training-split data drawn exactly as training draws it (a pure function of the seed and the step), but batches the
+FP32 run never trained on. The default ``n`` gives about 1024 examples, ``ceil(1024 / batch_size)`` batches (the
+INT8 paper calibrates on about 1000). The forward pass is the workload's loss, which runs the whole model.
+
+**Tolerance.** Relative to the FP32 metric on the evaluation split (``split``, default valid; ``limit`` examples,
+default the config's ``eval_limit``): the quantized metric is within tolerance when it is at most
+``tolerance * |FP32 metric|`` worse, in whichever direction is worse for the metric. With the default 1%: BLEU 30.0
+needs at least 29.7, accuracy 90% at least 89.1%; perplexity 5.00 (lower is better) at most 5.05, WER 20% at most
+20.2%.
+
+Writes ``ptq.json`` (the :class:`~fewbit.PTQReport` fields, plus the workload, its config, the checkpoint, the
+calibration batches, the tolerance rule and the test-split metrics of both models) and ``report.md`` into the
+output folder, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from fewbit import recipes as _recipes
+from fewbit.atomic import write_text
+from fewbit.calibrate import ptq, ptq_methods
+from fewbit.nn import fold_batchnorm_
+from fewbit.workloads import get
+from fewbit.workloads import run as runs
+from fewbit.workloads.base import config_dict, model_device, to_device
+
+CALIBRATION_EXAMPLES = 1024
+
+
+def tolerance_rule(metric: str, higher_is_better: bool, tolerance: float) -> str:
+    """The within-tolerance rule in words, for reports."""
+    if higher_is_better:
+        return f"{metric} >= fp32 {metric} - {tolerance:g} * |fp32 {metric}| (higher is better)"
+    return f"{metric} <= fp32 {metric} + {tolerance:g} * |fp32 {metric}| (lower is better)"
+
+
+def run(workload_name: str, recipe: str = "int8", config: str | None = None, overrides: Sequence[str] = (),
+        checkpoint: str | Path | None = None, calib_batches: int | None = None,
+        methods: Sequence[str] | None = None, tolerance: float = 0.01, max_float_layers: int | None = None,
+        split: str = "valid", limit: int | None = None, out: str | Path | None = None, progress: bool = True,
+        console: Console | None = None) -> dict:
+    """Post-training quantization of the workload's FP32 model (see the module docstring); returns what
+    ``ptq.json`` holds. ``config`` and ``overrides`` pick the cached FP32 baseline (default config: quick);
+    ``checkpoint`` is a run folder instead (its own config; then neither may be given). ``methods``: calibrators
+    to try (default: every one that applies to the recipe). Every argument is checked before any model is loaded
+    or trained: bad values are a ValueError naming the valid ones."""
+    console = console or Console()
+    cls = get(workload_name)
+    recipe = _recipes.get(recipe)
+    methods = ptq_methods(recipe, methods)
+    if calib_batches is not None and calib_batches < 1:
+        raise ValueError(f"calib_batches={calib_batches}; calibration needs at least 1 batch (default: "
+                         f"{CALIBRATION_EXAMPLES} examples' worth)")
+    if not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance}; it must be a relative tolerance >= 0 (0.01 is 1%)")
+    if max_float_layers is not None and max_float_layers < 0:
+        raise ValueError(f"max_float_layers={max_float_layers}; it must be >= 0")
+    if split not in ("valid", "test"):
+        raise ValueError(f"split={split!r}; valid: valid, test")
+    if checkpoint is not None and (config is not None or overrides):
+        raise ValueError("a checkpoint brings its own config: drop --config and the key=value overrides (use "
+                         "--limit to evaluate on fewer examples)")
+    if checkpoint is None:
+        from fewbit import study
+
+        cls.load_config(config or "quick", overrides)  # bad keys fail here, before any training
+        base = study.baseline(workload_name, config or "quick", overrides, progress=progress, console=console)
+    else:
+        base = runs.load(checkpoint, workload_name)
+    workload, model = base.workload, base.model
+    c = workload.config
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    started = time.perf_counter()
+    model.eval()
+    folded = fold_batchnorm_(model)
+    count = calib_batches or math.ceil(CALIBRATION_EXAMPLES / c.batch_size)
+    device = model_device(model)
+    batches = (to_device(workload.batch(c.steps + i), device) for i in range(count))
+    test_float = workload.evaluate(model, "test", limit)
+    model, report = ptq(
+        model, recipe, batches, lambda m: workload.evaluate(m, split, limit)[workload.metric], tolerance=tolerance,
+        higher_is_better=workload.higher_is_better, methods=methods, max_float_layers=max_float_layers,
+        forward_fn=lambda m, batch: workload.loss(m, batch), progress=progress)
+    test_quantized = workload.evaluate(model, "test", limit)
+    record = {
+        "workload": workload_name,
+        "metric": workload.metric,
+        "split": split,
+        "limit": c.eval_limit if limit is None else limit,
+        **report.to_dict(),
+        "tolerance_rule": tolerance_rule(workload.metric, workload.higher_is_better, tolerance),
+        "test": {"float": test_float, "quantized": test_quantized},
+        "calibration": {"first_step": c.steps, "batches": count, "examples": count * c.batch_size,
+                        "methods": methods},
+        "folded_batchnorms": [f"{conv} <- {bn}" for conv, bn in folded],
+        "checkpoint": str(base.path) if base.path is not None else None,
+        "config": config_dict(c),
+        "total_seconds": round(time.perf_counter() - started, 2),
+    }
+    record = _finite(record)
+    report.print(console)
+    console.print(summary_table(record))
+    out = Path(out) if out is not None else Path("fewbit-ptq") / workload_name
+    write_text(out / "ptq.json", json.dumps(record, indent=2) + "\n")
+    write_text(out / "report.md", markdown(record))
+    console.print(f"wrote {out / 'ptq.json'} and report.md")
+    return record
+
+
+def _finite(value):
+    """``value`` with NaN and infinities as the strings "nan", "inf", "-inf", so that the JSON is standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _rows(record: dict) -> list[list[str]]:
+    metric = record["metric"]
+
+    def cell(value) -> str:
+        return f"{value:.4g}" if isinstance(value, float | int) else str(value)
+
+    return [[f"{record['split']} (decides)", cell(record["float_metric"]), cell(record["final_metric"])],
+            ["test", cell(record["test"]["float"][metric]), cell(record["test"]["quantized"][metric])]]
+
+
+def summary_table(record: dict) -> Table:
+    table = Table(title=f"fewbit ptq: {record['workload']} ({record['recipe']}), {record['metric']}")
+    for column in ("split", "fp32", record["recipe"]):
+        table.add_column(column, justify="left" if column == "split" else "right")
+    for row in _rows(record):
+        table.add_row(*row)
+    return table
+
+
+def markdown(record: dict) -> str:
+    metric, recipe = record["metric"], record["recipe"]
+    calibration = record["calibration"]
+    verdict = "within" if record["within_tolerance"] else "**not** within"
+    lines = [
+        f"# fewbit ptq: {record['workload']}, {recipe}",
+        "",
+        f"Metric: **{metric}**. The calibrator and the layers left in float are chosen on the {record['split']} "
+        f"split ({record['limit'] or 'all'} examples); the test split is reported beside it.",
+        "",
+        f"| split | fp32 | {recipe} |",
+        "|---|---:|---:|",
+        *(f"| {' | '.join(row)} |" for row in _rows(record)),
+        "",
+        f"Final {metric} is {verdict} the tolerance: {record['tolerance_rule']}, tolerance {record['tolerance']:g}. "
+        f"{len(record['float_layers'])} layer(s) left in float"
+        + (f": {', '.join(f'`{n}`' for n in record['float_layers'])}." if record["float_layers"] else "."),
+        "",
+        "## Calibrators",
+        "",
+        f"One pass over {calibration['batches']} training batches ({calibration['examples']} examples, the "
+        f"training batches of steps {calibration['first_step']} to "
+        f"{calibration['first_step'] + calibration['batches'] - 1}, after the FP32 run's last), then each "
+        f"calibrator on the same histograms. Chosen: **{record['chosen_calibrator']}**.",
+        "",
+        f"| calibrator | {metric} |",
+        "|---|---:|",
+        *(f"| {m} | {v:.4g} |" if isinstance(v, float) else f"| {m} | {v} |"
+          for m, v in record["calibrator_metrics"].items()),
+        "",
+    ]
+    if record["sensitivity"]:
+        lines += ["## Sensitivity", "", f"{metric} with only this layer quantized, most sensitive first.", "",
+                  f"| layer | {metric} | left in float |", "|---|---:|---|",
+                  *(f"| `{n}` | {v if isinstance(v, str) else f'{v:.4g}'} | "
+                    f"{'yes' if n in record['float_layers'] else ''} |" for n, v in record["sensitivity"].items()),
+                  ""]
+    lines += [
+        "## Run",
+        "",
+        f"- FP32 model: `{record['checkpoint']}`",
+        f"- BatchNorm layers folded: {len(record['folded_batchnorms'])}",
+        f"- not calibrated: {json.dumps(record['skipped'])}",
+        f"- {record['seconds']:.1f} s in ptq, {record['total_seconds']:.1f} s in all",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        *(f"{k}: {v}" for k, v in record["config"].items()),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
