@@ -129,6 +129,7 @@ def test_config_from_a_yaml_path_and_overrides(tmp_path):
     path.write_text("# fewbit train translate --config mine.yaml\nsteps: 7\nlr: 1\n")
     config = workloads.get("translate").load_config(str(path), ["batch_size=3"])
     assert (config.steps, config.lr, config.batch_size) == (7, 1.0, 3)
+    assert workloads.get("translate").load_config(str(path), ["lr=3e-3"]).lr == 0.003  # YAML reads 3e-3 as text
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="a config is a mapping"):
         workloads.get("translate").load_config(str(path))

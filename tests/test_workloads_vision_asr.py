@@ -17,7 +17,7 @@ ASR = ["train_utterances=24", "valid_utterances=6", "test_utterances=6", "width=
 # Losses of the first four steps, from reference runs (torch 2.13.0 CPU; Debian's dataset-fashion-mnist and espeak-ng).
 VISION_LOSSES = {"resnet": [2.298271656036377, 2.2996203899383545, 2.275831937789917, 2.293743848800659],
                  "mobilenet_v2": [2.323641777038574, 2.463618755340576, 2.62648868560791, 2.570903778076172]}
-ASR_LOSSES = [11.74148941040039, 11.312398910522461, 11.80695629119873, 9.200058937072754]
+ASR_LOSSES = [11.70105266571045, 11.290493965148926, 11.837072372436523, 9.157681465148926]
 
 needs_fashion = pytest.mark.skipif(images.available_source() != "fashion-mnist",
                                    reason="needs apt-get install dataset-fashion-mnist")

@@ -46,14 +46,15 @@ class Source:
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Settings every workload shares: the optimizer (``adamw``, betas 0.9/0.98; or ``sgd``, Nesterov momentum
-    0.9), its schedule (linear warmup, cosine decay to
+    """Settings every workload shares: the optimizer (``adamw`` with betas (0.9, ``beta2``); or ``sgd`` with
+    Nesterov momentum 0.9), its schedule (linear warmup, cosine decay to
     ``min_lr_ratio * lr``) and evaluation. ``eval_limit`` caps the examples an evaluation reads (0: all).
     ``device``: where training runs, "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one, else cpu);
     evaluation runs wherever the model is."""
 
     seed: int = 0
     optimizer: str = "adamw"
+    beta2: float = 0.98
     steps: int = 1000
     batch_size: int = 32
     lr: float = 1e-3
@@ -218,6 +219,11 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if kind is float and isinstance(value, str):  # YAML reads 3e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
     names = " or ".join(getattr(k, "__name__", str(k)) for k in allowed)

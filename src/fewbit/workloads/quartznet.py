@@ -34,7 +34,7 @@ BLANK = 0
 @dataclass(frozen=True)
 class QuartzNetConfig:
     """``blocks``: (channels, kernel) per block, each with ``repeat`` sub-blocks; kernels are odd (same padding).
-    The defaults make a ~0.3M-parameter model for a few dozen characters; QuartzNet 5x5 (6.7M) is
+    The defaults make a ~0.5M-parameter model for a few dozen characters; QuartzNet 5x5 (6.7M) is
     ``prologue=(256, 33)``, ``blocks`` 5 x (256..512, 33..75), ``repeat=5``, ``epilogue=(512, 87, 1024)``."""
 
     vocab_size: int

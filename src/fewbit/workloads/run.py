@@ -59,7 +59,7 @@ def _optimizer(config):
         groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
         if config.optimizer == "sgd":
             return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
-        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98))
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
 
     return build
 
