@@ -116,6 +116,23 @@ def test_entropy_clips_outliers_and_keeps_dense_tails():
     assert dense.entropy(128) > 0.5 * dense.amax
 
 
+def test_entropy_leaves_out_the_zeros_of_a_relu():
+    # ReLU6 outputs: half exact zeros, a spike at 6. Counted, the zeros' spike in bin 0 would pull the threshold down
+    # to about 1.0; left out, the threshold is that of the nonzero values alone, and it keeps the spike.
+    x = torch.from_numpy(_samples("gaussian", 200_000)).float() * 3
+    relu6, positive = Histogram(), Histogram()
+    for chunk in x.chunk(4):  # in several batches, the range growing: the zeros stay in bin 0
+        relu6.update(chunk.clamp(0, 6))
+        positive.update(chunk.clamp(0, 6)[chunk > 0])
+    assert relu6.zeros == int((x <= 0).sum()) and positive.zeros == 0
+    assert relu6.entropy(128) == positive.entropy(128) > 4.0
+    counts = positive.counts[: positive.used_bins()].numpy()  # and it is the reference's choice on those counts
+    reference = reference_kl(counts, 128)
+    threshold = positive.entropy(128)
+    chosen = len(counts) if threshold == positive.amax else round(threshold / positive.bin_width)
+    assert reference[chosen - 128] <= reference.min() + 1e-9 * abs(reference.min())
+
+
 # ---- the histogram ----------------------------------------------------------------------------------------------
 
 

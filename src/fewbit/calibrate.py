@@ -31,6 +31,9 @@ cover ``[0, amax]``.
 (INT8: 128, INT4: 8) and ``n`` the number of bins up to the last non-empty one, every candidate ``i`` from
 ``ENTROPY_START_BIN = 128`` to ``n`` (threshold ``i * bin_width``):
 
+0. exact zeros are left out of ``h``: zero is exact at every scale, and after a ReLU zeros are often half of all
+   values; counted, their spike in bin 0 dominates the divergence (it grows with the log of the chunk width) and
+   drives the threshold down to the first candidates, clipping ReLU6 outputs at 1.0 instead of about 6;
 1. ``P = h[0:i]`` with the outliers ``sum(h[i:])`` added to its last bin (what clipping at the threshold does);
 2. the ``i`` bins split into ``L`` chunks of ``m = i // L`` bins, the last chunk taking the remainder;
    ``Q`` gives each non-empty bin of ``P`` in a chunk the chunk's count of the *unclipped* slice ``h[0:i]``
@@ -107,6 +110,7 @@ class Histogram:
         self.counts = torch.zeros(num_bins, dtype=torch.int64)
         self.range_exponent: int | None = None  # range = 2^range_exponent; None until a nonzero value is seen
         self.amax = 0.0
+        self.zeros = 0  # exact zeros among the counts (all in bin 0), left out by the entropy method
 
     @property
     def range(self) -> float:
@@ -139,6 +143,7 @@ class Histogram:
                 self.counts = torch.zeros_like(self.counts).index_add_(0, merged, self.counts)
                 self.range_exponent = exponent
         self.amax = max(self.amax, amax)
+        self.zeros += int((a == 0).sum())
         if self.range_exponent is None:  # all zeros so far: bin 0 at any range
             self.counts[0] += a.numel()
             return
@@ -167,7 +172,9 @@ class Histogram:
         n = self.used_bins()
         if n == 0:
             return 0.0
-        divergence = kl_divergences(self.counts[:n], levels, start_bin)
+        counts = self.counts[:n].clone()
+        counts[0] -= self.zeros  # step 0 of the module docstring
+        divergence = kl_divergences(counts, levels, start_bin)
         if divergence.numel() == 0 or not torch.isfinite(divergence).any():  # too few bins to choose from
             return self.amax
         i = int(torch.argmin(divergence)) + max(start_bin, levels)
