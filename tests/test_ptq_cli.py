@@ -133,3 +133,25 @@ def test_bad_input_is_a_clear_error_before_any_training(argv, message, tmp_path,
     err = capsys.readouterr().err
     assert re.search(message, err) and "Traceback" not in err
     assert not (tmp_path / "cache").exists()  # nothing was trained or prepared
+
+
+@pytest.mark.skipif(__import__("fewbit.workloads.images", fromlist=["x"]).available_source() != "fashion-mnist",
+                    reason="needs apt-get install dataset-fashion-mnist")
+def test_vision_exports_to_onnx_and_onnxruntime_scores_it(tmp_path, capsys):
+    from tests.test_workloads_vision_asr import VISION
+
+    path = tmp_path / "int8.onnx"
+    record = _ptq_json(["vision", "--onnx", str(path), "--methods", "max", "--limit", "256", "--out",
+                        str(tmp_path / "out"), "--quiet", *[v for v in VISION if not v.startswith("eval_limit")],
+                        "steps=30"], capsys)
+    onnx = record["onnx"]
+    assert path.is_file() and onnx["path"] == str(path) and onnx["test"]["images"] == 256
+    assert onnx["fake_quant_test"] == record["test"]["quantized"]["accuracy"]
+    assert onnx["difference"] == pytest.approx(onnx["test"]["accuracy"] - onnx["fake_quant_test"])
+    assert abs(onnx["difference"]) <= 2.0  # integer kernels round differently (fewbit.export); measured 0.0-0.1
+    assert "onnxruntime INT8" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_onnx_refused_where_the_model_is_not_one_forward(capsys):
+    assert main(["ptq", "translate", "--onnx", "x.onnx", *TINY_TRANSLATE]) == 2
+    assert "export works for: vision" in capsys.readouterr().err

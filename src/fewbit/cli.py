@@ -203,7 +203,7 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
         record = post_training.run(
             args.workload, args.recipe, args.config, args.overrides, args.checkpoint, args.calib_batches, methods,
             args.tolerance, args.max_float_layers, args.split, args.limit, args.out, progress=not args.quiet,
-            console=console)
+            console=console, onnx=args.onnx)
     if args.json:
         print(json.dumps(record, indent=2))
     return 0
@@ -282,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate only the first N examples (0: all; default: the config's "
                    "eval_limit)")
     p.add_argument("--out", help="output folder (default fewbit-ptq/<workload>)")
+    p.add_argument("--onnx", metavar="PATH", help="also export the INT8 model to this ONNX file and evaluate it "
+                   "on the test split with onnxruntime (vision)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-evaluation lines")
     p.add_argument("--json", action="store_true", help="print ptq.json to stdout (everything else to stderr)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)

@@ -21,6 +21,12 @@ default the config's ``eval_limit``): the quantized metric is within tolerance w
 needs at least 29.7, accuracy 90% at least 89.1%; perplexity 5.00 (lower is better) at most 5.05, WER 20% at most
 20.2%.
 
+**Deployment** (``onnx``, workloads whose model is one forward pass, :meth:`Workload.example_input`): the
+quantized model is exported with :func:`fewbit.export_onnx` (QuantizeLinear/DequantizeLinear around every INT8
+layer) and evaluated on the test split by onnxruntime (CPU, integer kernels: QLinearConv, QLinearAdd) through the
+workload's own evaluation. Its metric differs from fewbit's fake-quant metric because onnxruntime rounds biases to
+int32 and requantizes with float multipliers; both are reported, with their difference.
+
 Writes ``ptq.json`` (the :class:`~fewbit.PTQReport` fields, plus the workload, its config, the checkpoint, the
 calibration batches, the tolerance rule and the test-split metrics of both models) and ``report.md`` into the
 output folder, atomically.
@@ -60,7 +66,7 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         checkpoint: str | Path | None = None, calib_batches: int | None = None,
         methods: Sequence[str] | None = None, tolerance: float = 0.01, max_float_layers: int | None = None,
         split: str = "valid", limit: int | None = None, out: str | Path | None = None, progress: bool = True,
-        console: Console | None = None) -> dict:
+        console: Console | None = None, onnx: str | Path | None = None) -> dict:
     """Post-training quantization of the workload's FP32 model (see the module docstring); returns what
     ``ptq.json`` holds. ``config`` and ``overrides`` pick the cached FP32 baseline (default config: quick);
     ``checkpoint`` is a run folder instead (its own config; then neither may be given). ``methods``: calibrators
@@ -90,6 +96,9 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
     else:
         base = runs.load(checkpoint, workload_name)
     workload, model = base.workload, base.model
+    if onnx is not None and workload.example_input() is None:
+        raise ValueError(f"--onnx: the {workload_name} model is not one forward pass with a fixed input shape; "
+                         "export works for: vision")
     c = workload.config
     if c.threads:
         torch.set_num_threads(c.threads)
@@ -120,6 +129,8 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         "config": config_dict(c),
         "total_seconds": round(time.perf_counter() - started, 2),
     }
+    if onnx is not None:
+        record["onnx"] = _onnx_check(workload, model, onnx, limit, test_quantized, c.threads)
     record = _finite(record)
     report.print(console)
     console.print(summary_table(record))
@@ -128,6 +139,38 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
     write_text(out / "report.md", markdown(record))
     console.print(f"wrote {out / 'ptq.json'} and report.md")
     return record
+
+
+class OnnxModel(torch.nn.Module):
+    """An onnxruntime session behind ``nn.Module``'s call, so a workload's evaluation can run it: inputs and outputs
+    are CPU float32 tensors; the empty parameter only tells evaluations where to put their batches."""
+
+    def __init__(self, path: str | Path, threads: int = 0) -> None:
+        import onnxruntime
+
+        super().__init__()
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (out,) = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})
+        return torch.from_numpy(out)
+
+
+def _onnx_check(workload, model, path, limit, fake_quant: dict, threads: int) -> dict:
+    from fewbit.export import export_onnx
+
+    path = Path(path)
+    export_onnx(model, workload.example_input().to(model_device(model)), path)
+    metrics = workload.evaluate(OnnxModel(path, threads), "test", limit)
+    metric = workload.metric
+    return {"path": str(path), "test": metrics, "fake_quant_test": fake_quant[metric],
+            "difference": metrics[metric] - fake_quant[metric]}
 
 
 def _finite(value):
@@ -147,8 +190,11 @@ def _rows(record: dict) -> list[list[str]]:
     def cell(value) -> str:
         return f"{value:.4g}" if isinstance(value, float | int) else str(value)
 
-    return [[f"{record['split']} (decides)", cell(record["float_metric"]), cell(record["final_metric"])],
+    rows = [[f"{record['split']} (decides)", cell(record["float_metric"]), cell(record["final_metric"])],
             ["test", cell(record["test"]["float"][metric]), cell(record["test"]["quantized"][metric])]]
+    if "onnx" in record:
+        rows.append(["test, onnxruntime INT8", "", cell(record["onnx"]["test"][metric])])
+    return rows
 
 
 def summary_table(record: dict) -> Table:

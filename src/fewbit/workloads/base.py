@@ -134,6 +134,11 @@ class Workload(abc.ABC):
         """Metrics of ``model`` on a split ("valid" or "test"); includes :attr:`metric`. ``limit`` caps the
         examples read (None: ``config.eval_limit``; 0: all)."""
 
+    def example_input(self) -> torch.Tensor | None:
+        """One input batch for exporting the model as a single forward with only the batch dimension varying
+        (``fewbit ptq --onnx``), or None where the model is not used that way (decoding loops, varying lengths)."""
+        return None
+
     def artifacts(self) -> dict[str, bytes]:
         """Files a trained run keeps beside its weights so it can be evaluated later (e.g. a tokenizer)."""
         return {}

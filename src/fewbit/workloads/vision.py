@@ -112,6 +112,9 @@ class Vision(Workload):
         shift = min(c.max_shift, x.shape[-1] // 4)
         return images.augment(x[pick], generator, max_shift=shift, flip=c.flip and self.data.flip_ok), y[pick]
 
+    def example_input(self) -> torch.Tensor:
+        return self.data.images["test"][:1]
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
         return F.cross_entropy(model(x).float(), y, label_smoothing=self.config.label_smoothing)
