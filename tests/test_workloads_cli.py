@@ -140,3 +140,9 @@ def test_load_refuses_a_run_of_another_workload(tmp_path):
     assert main(["train", "translate", "--out", str(out), "--quiet", *TINY]) == 0
     with pytest.raises(ValueError, match="holds a 'translate' run, not 'lm'"):
         runs.load(out, "lm")
+
+
+def test_default_output_folder_names_the_variant(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["study", "translate", "--recipes", "int8", "--quiet", *TINY]) == 0
+    assert (tmp_path / "fewbit-study" / "-".join(["translate", *TINY]) / "results.json").is_file()

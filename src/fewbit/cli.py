@@ -250,7 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("workload")
     p.add_argument("--config", default="quick", help="a named config of the workload, or a .yaml path")
     p.add_argument("--recipes", help="comma-separated preset names (default: all)")
-    p.add_argument("--out", help="output folder (default fewbit-study/<workload>)")
+    p.add_argument("--out", help="output folder (default fewbit-study/<workload>, suffixed by "
+                   "a non-default config and the overrides, e.g. fewbit-study/vision-model=mobilenet_v2)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--retrain", action="store_true", help="train the baseline again instead of using the cache")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -281,7 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the split that decides (default valid); test is always reported")
     p.add_argument("--limit", type=int, help="evaluate only the first N examples (0: all; default: the config's "
                    "eval_limit)")
-    p.add_argument("--out", help="output folder (default fewbit-ptq/<workload>)")
+    p.add_argument("--out", help="output folder (default fewbit-ptq/<workload>, suffixed like "
+                   "fewbit study's)")
     p.add_argument("--onnx", metavar="PATH", help="also export the INT8 model to this ONNX file and evaluate it "
                    "on the test split with onnxruntime (vision)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-evaluation lines")

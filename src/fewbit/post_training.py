@@ -134,7 +134,11 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
     record = _finite(record)
     report.print(console)
     console.print(summary_table(record))
-    out = Path(out) if out is not None else Path("fewbit-ptq") / workload_name
+    if out is None:
+        from fewbit.study import default_out
+
+        out = default_out("fewbit-ptq", workload_name, config, overrides)
+    out = Path(out)
     write_text(out / "ptq.json", json.dumps(record, indent=2) + "\n")
     write_text(out / "report.md", markdown(record))
     console.print(f"wrote {out / 'ptq.json'} and report.md")

@@ -76,6 +76,16 @@ def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str]
     return runs.train(workload, "fp32", out=folder, progress=progress)
 
 
+def default_out(root: str, workload_name: str, config: str | None, overrides: Sequence[str]) -> Path:
+    """``root/<workload>``, suffixed by a config other than quick and by the overrides, so that studies of two
+    variants (``--model mobilenet_v2``) do not overwrite each other: ``fewbit-study/vision-model=mobilenet_v2``."""
+    parts = [workload_name]
+    if config not in (None, "quick"):
+        parts.append(Path(config).stem)
+    parts += [o.replace("/", "_").replace(" ", "") for o in overrides]
+    return Path(root) / "-".join(parts)
+
+
 def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = (), recipes: Sequence[str] = (),
         out: str | Path | None = None, split: str = "test", retrain: bool = False, progress: bool = True,
         console: Console | None = None) -> Study:
@@ -122,7 +132,7 @@ def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = ()
                   config_dict(workload.config), {"path": str(base.path), **kept}, rows)
     console.print(table(study))
     if out is None:
-        out = Path("fewbit-study") / workload_name
+        out = default_out("fewbit-study", workload_name, config, overrides)
     write(study, out)
     console.print(f"wrote {Path(out) / 'results.json'}, report.md, {_plot_name(study)}")
     return study
