@@ -155,3 +155,32 @@ def test_vision_exports_to_onnx_and_onnxruntime_scores_it(tmp_path, capsys):
 def test_onnx_refused_where_the_model_is_not_one_forward(capsys):
     assert main(["ptq", "translate", "--onnx", "x.onnx", *TINY_TRANSLATE]) == 2
     assert "export works for: vision" in capsys.readouterr().err
+
+
+def test_qat_fine_tunes_when_ptq_ends_beyond_tolerance(tmp_path, capsys, monkeypatch):
+    from fewbit.nn.modules import _Quantized
+    from fewbit.workloads.lm import LanguageModel
+
+    # Each quantized layer costs 1% of perplexity (as above), so with no layer allowed in float PTQ ends beyond
+    # tolerance, deterministically, and --qat fine-tunes: 10% of the 40 steps.
+    evaluate = LanguageModel.evaluate
+
+    def costly(self, model, split="valid", limit=None):
+        metrics = evaluate(self, model, split, limit)
+        quantized = [m for m in model.modules() if isinstance(m, _Quantized) and not m.recipe.is_identity]
+        metrics["perplexity"] *= 1 + 0.01 * len(quantized)
+        return metrics
+
+    monkeypatch.setattr(LanguageModel, "evaluate", costly)
+    record = _ptq_json(["lm", "--qat", "--tolerance", "0.01", "--max-float-layers", "0", "--methods", "max",
+                        "--out", str(tmp_path / "out"), "--quiet", *TINY_LM, "steps=40"], capsys)
+    qat = record["qat"]
+    assert qat["steps"] == 4 and qat["lr"] == pytest.approx(0.01 * record["config"]["lr"])
+    assert qat["metric_before"] == record["calibrator_metrics"]["max"]
+    assert record["final_metric"] == qat["metric_after"] == record["steps"][-1]["metric"]
+    assert record["steps"][-1]["step"] == "qat" and record["within_tolerance"] is _within(record) is False
+    assert "Quantization-aware fine-tuning (4 steps" in (tmp_path / "out" / "report.md").read_text()
+    # Within tolerance, --qat does nothing.
+    relaxed = _ptq_json(["lm", "--qat", "--tolerance", "0.5", "--methods", "max", "--out", str(tmp_path / "r"),
+                         "--quiet", *TINY_LM, "steps=40"], capsys)
+    assert relaxed["qat"] is None and relaxed["within_tolerance"]

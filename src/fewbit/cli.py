@@ -203,7 +203,7 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
         record = post_training.run(
             args.workload, args.recipe, args.config, args.overrides, args.checkpoint, args.calib_batches, methods,
             args.tolerance, args.max_float_layers, args.split, args.limit, args.out, progress=not args.quiet,
-            console=console, onnx=args.onnx)
+            console=console, onnx=args.onnx, qat=args.qat)
     if args.json:
         print(json.dumps(record, indent=2))
     return 0
@@ -284,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "eval_limit)")
     p.add_argument("--out", help="output folder (default fewbit-ptq/<workload>, suffixed like "
                    "fewbit study's)")
+    p.add_argument("--qat", action="store_true", help="when still beyond tolerance, fine-tune the quantized model "
+                   "(10%% of the FP32 run's steps at 1%% of its learning rate, cosine decay)")
     p.add_argument("--onnx", metavar="PATH", help="also export the INT8 model to this ONNX file and evaluate it "
                    "on the test split with onnxruntime (vision)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-evaluation lines")

@@ -21,6 +21,11 @@ default the config's ``eval_limit``): the quantized metric is within tolerance w
 needs at least 29.7, accuracy 90% at least 89.1%; perplexity 5.00 (lower is better) at most 5.05, WER 20% at most
 20.2%.
 
+**Quantization-aware fine-tuning** (``qat``): when the quantized model is still beyond the tolerance after the
+steps above (for instance with ``max_float_layers=0``), :func:`fewbit.qat` fine-tunes it with its static ranges
+fixed, the recommended schedule: 10% of the FP32 run's steps at 1% of its learning rate, cosine decay, the
+workload's own optimizer, on its training batches. The metric before and after goes into the report.
+
 **Deployment** (``onnx``, workloads whose model is one forward pass, :meth:`Workload.example_input`): the
 quantized model is exported with :func:`fewbit.export_onnx` (QuantizeLinear/DequantizeLinear around every INT8
 layer) and evaluated on the test split by onnxruntime (CPU, integer kernels: QLinearConv, QLinearAdd) through the
@@ -66,7 +71,7 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         checkpoint: str | Path | None = None, calib_batches: int | None = None,
         methods: Sequence[str] | None = None, tolerance: float = 0.01, max_float_layers: int | None = None,
         split: str = "valid", limit: int | None = None, out: str | Path | None = None, progress: bool = True,
-        console: Console | None = None, onnx: str | Path | None = None) -> dict:
+        console: Console | None = None, onnx: str | Path | None = None, qat: bool = False) -> dict:
     """Post-training quantization of the workload's FP32 model (see the module docstring); returns what
     ``ptq.json`` holds. ``config`` and ``overrides`` pick the cached FP32 baseline (default config: quick);
     ``checkpoint`` is a run folder instead (its own config; then neither may be given). ``methods``: calibrators
@@ -113,6 +118,10 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         model, recipe, batches, lambda m: workload.evaluate(m, split, limit)[workload.metric], tolerance=tolerance,
         higher_is_better=workload.higher_is_better, methods=methods, max_float_layers=max_float_layers,
         forward_fn=lambda m, batch: workload.loss(m, batch), progress=progress)
+    fine_tuned = None
+    if qat and not report.within_tolerance:
+        fine_tuned = _fine_tune(workload, model, report, lambda m: workload.evaluate(m, split, limit)[workload.metric],
+                                progress)
     test_quantized = workload.evaluate(model, "test", limit)
     record = {
         "workload": workload_name,
@@ -129,6 +138,7 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         "config": config_dict(c),
         "total_seconds": round(time.perf_counter() - started, 2),
     }
+    record["qat"] = fine_tuned
     if onnx is not None:
         record["onnx"] = _onnx_check(workload, model, onnx, limit, test_quantized, c.threads)
     record = _finite(record)
@@ -143,6 +153,31 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
     write_text(out / "report.md", markdown(record))
     console.print(f"wrote {out / 'ptq.json'} and report.md")
     return record
+
+
+def _fine_tune(workload, model, report, eval_fn, progress: bool) -> dict:
+    """QAT of the calibrated ``model`` (see the module docstring); updates ``report`` to the fine-tuned metric."""
+    import dataclasses
+
+    from fewbit.calibrate import _within
+    from fewbit.train.qat import qat
+    from fewbit.workloads.run import _optimizer
+
+    c = workload.config
+    device = model_device(model)
+    started = time.perf_counter()
+    result = qat(model, lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
+                 original_steps=c.steps, original_lr=c.lr, grad_clip=c.grad_clip or None, progress=progress,
+                 optimizer_fn=lambda params, lr: _optimizer(dataclasses.replace(c, lr=lr))(params))
+    model.eval()
+    before = report.final_metric
+    with torch.no_grad():
+        after = float(eval_fn(model))
+    report.steps.append({"step": "qat", "metric": after, "float_layers": list(report.float_layers)})
+    report.final_metric = after
+    report.within_tolerance = _within(after, report.float_metric, report.tolerance, report.higher_is_better)
+    return {"steps": result.step, "lr": 0.01 * c.lr, "optimizer": c.optimizer, "metric_before": before,
+            "metric_after": after, "seconds": round(time.perf_counter() - started, 2)}
 
 
 class OnnxModel(torch.nn.Module):
@@ -225,7 +260,10 @@ def markdown(record: dict) -> str:
         *(f"| {' | '.join(row)} |" for row in _rows(record)),
         "",
         f"Final {metric} is {verdict} the tolerance: {record['tolerance_rule']}, tolerance {record['tolerance']:g}. "
-        f"{len(record['float_layers'])} layer(s) left in float"
+        + (f"Quantization-aware fine-tuning ({record['qat']['steps']} steps at lr {record['qat']['lr']:g}) moved it "
+         f"from {record['qat']['metric_before']:.4g} to {record['qat']['metric_after']:.4g}. "
+         if record.get("qat") else "")
+        + f"{len(record['float_layers'])} layer(s) left in float"
         + (f": {', '.join(f'`{n}`' for n in record['float_layers'])}." if record["float_layers"] else "."),
         "",
         "## Calibrators",
