@@ -15,6 +15,7 @@ report the character error rate ``cer`` (percent) and the CTC ``loss``.
 
 from __future__ import annotations
 
+import math
 import shutil
 import sys
 from dataclasses import dataclass
@@ -85,6 +86,8 @@ class SpeechRecognition(Workload):
         self.mel = speech.MelSpec(n_mels=c.n_mels)
         self.splits = speech.load(c.corpus(), progress=sys.stderr.isatty())
         self.frames = {split: self.mel.frames(data.num_samples()) for split, data in self.splits.items()}
+        # Batches per pass: batches_by_length cuts windows of 50 batches, so every pass has ceil(N / batch_size).
+        self.batches_per_pass = math.ceil(len(self.splits["train"]) / c.batch_size)
         self._epoch: tuple[int, int, list[list[int]]] | None = None
 
     def info(self) -> dict:
@@ -113,7 +116,7 @@ class SpeechRecognition(Workload):
         """(features (B, n_mels, T), frames (B,), targets (sum of lengths,), target lengths (B,)). Step s reads
         batch s mod n of pass s // n over the training split (one pass per micro-batch index)."""
         c = self.config
-        n = len(self._batches(0, micro))
+        n = self.batches_per_pass
         indices = self._batches(step // n, micro)[step % n]
         generator = batch_generator(c.seed, step, micro)
         data = self.splits["train"]
