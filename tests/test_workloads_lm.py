@@ -79,7 +79,7 @@ def test_bad_input(capsys):
 def test_missing_kjv_names_the_package(monkeypatch, capsys):
     from fewbit.workloads import lm
 
-    monkeypatch.setattr(lm, "_kjv_available", lambda: False)
+    monkeypatch.setattr(lm.bible, "available", lambda: False)
     assert main(["train", "lm", "source=kjv", *TINY]) == 2
     assert "install it with: apt-get install sword-text-kjv" in capsys.readouterr().err
     listed = {w["name"]: w for w in _workloads_json(capsys)}

@@ -479,7 +479,7 @@ class PTQReport:
                       f"left in float, {self.seconds:.1f} s")
 
 
-def _within(metric: float, reference: float, tolerance: float, higher_is_better: bool) -> bool:
+def within_tolerance(metric: float, reference: float, tolerance: float, higher_is_better: bool) -> bool:
     """Relative tolerance: at most ``tolerance * |reference|`` worse than ``reference`` (NaN: never within)."""
     margin = tolerance * abs(reference)
     return metric >= reference - margin if higher_is_better else metric <= reference + margin
@@ -575,7 +575,7 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
     sensitivity: dict[str, float] = {}
     float_layers: list[str] = []
     final = calibrated
-    if not _within(calibrated, float_metric, tolerance, higher_is_better):
+    if not within_tolerance(calibrated, float_metric, tolerance, higher_is_better):
         def set_quantized(names: set[str]) -> None:
             for name, layer_recipe in quantized.items():
                 model.get_submodule(name)._init_quant(layer_recipe if name in names else _FLOAT)
@@ -591,7 +591,7 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
             float_layers = worst_first[:k]
             set_quantized(set(quantized) - set(float_layers))
             final = evaluate(f"{k} layer(s) in float", float_layers)
-            if _within(final, float_metric, tolerance, higher_is_better):
+            if within_tolerance(final, float_metric, tolerance, higher_is_better):
                 break
         skipped = model.__dict__.setdefault(_SKIPPED, {})
         for rank, name in enumerate(float_layers, 1):
@@ -604,7 +604,7 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
     report = PTQReport(
         recipe=recipe.name, float_metric=float_metric, higher_is_better=higher_is_better, tolerance=tolerance,
         calibrator_metrics=metrics, chosen_calibrator=chosen, calibrated_metric=calibrated, final_metric=final,
-        within_tolerance=_within(final, float_metric, tolerance, higher_is_better), float_layers=float_layers,
+        within_tolerance=within_tolerance(final, float_metric, tolerance, higher_is_better), float_layers=float_layers,
         sensitivity=sensitivity, steps=steps,
         layer_amax={k: v for k, v in layer_amax.items() if k not in float_layers},
         skipped=dict(calibration.skipped), calibration_batches=calibration.batches,

@@ -50,8 +50,9 @@ from rich.console import Console
 from rich.table import Table
 
 from fewbit import recipes as _recipes
+from fewbit import study
 from fewbit.atomic import write_text
-from fewbit.calibrate import ptq, ptq_methods
+from fewbit.calibrate import ptq, ptq_methods, within_tolerance
 from fewbit.nn import fold_batchnorm_
 from fewbit.workloads import get
 from fewbit.workloads import run as runs
@@ -94,8 +95,6 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         raise ValueError("a checkpoint brings its own config: drop --config and the key=value overrides (use "
                          "--limit to evaluate on fewer examples)")
     if checkpoint is None:
-        from fewbit import study
-
         cls.load_config(config or "quick", overrides)  # bad keys fail here, before any training
         base = study.baseline(workload_name, config or "quick", overrides, progress=progress, console=console)
     else:
@@ -145,9 +144,7 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
     report.print(console)
     console.print(summary_table(record))
     if out is None:
-        from fewbit.study import default_out
-
-        out = default_out("fewbit-ptq", workload_name, config, overrides)
+        out = study.default_out("fewbit-ptq", workload_name, config, overrides)
     out = Path(out)
     write_text(out / "ptq.json", json.dumps(record, indent=2) + "\n")
     write_text(out / "report.md", markdown(record))
@@ -159,23 +156,21 @@ def _fine_tune(workload, model, report, eval_fn, progress: bool) -> dict:
     """QAT of the calibrated ``model`` (see the module docstring); updates ``report`` to the fine-tuned metric."""
     import dataclasses
 
-    from fewbit.calibrate import _within
     from fewbit.train.qat import qat
-    from fewbit.workloads.run import _optimizer
 
     c = workload.config
     device = model_device(model)
     started = time.perf_counter()
     result = qat(model, lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
                  original_steps=c.steps, original_lr=c.lr, grad_clip=c.grad_clip or None, progress=progress,
-                 optimizer_fn=lambda params, lr: _optimizer(dataclasses.replace(c, lr=lr))(params))
+                 optimizer_fn=lambda params, lr: runs.optimizer_for(dataclasses.replace(c, lr=lr))(params))
     model.eval()
     before = report.final_metric
     with torch.no_grad():
         after = float(eval_fn(model))
     report.steps.append({"step": "qat", "metric": after, "float_layers": list(report.float_layers)})
     report.final_metric = after
-    report.within_tolerance = _within(after, report.float_metric, report.tolerance, report.higher_is_better)
+    report.within_tolerance = within_tolerance(after, report.float_metric, report.tolerance, report.higher_is_better)
     return {"steps": result.step, "lr": 0.01 * c.lr, "optimizer": c.optimizer, "metric_before": before,
             "metric_after": after, "seconds": round(time.perf_counter() - started, 2)}
 
@@ -293,11 +288,6 @@ def markdown(record: dict) -> str:
         f"- not calibrated: {json.dumps(record['skipped'])}",
         f"- {record['seconds']:.1f} s in ptq, {record['total_seconds']:.1f} s in all",
         "",
-        "## Config",
-        "",
-        "```yaml",
-        *(f"{k}: {v}" for k, v in record["config"].items()),
-        "```",
-        "",
+        *study.config_section(record["config"]),
     ]
     return "\n".join(lines)

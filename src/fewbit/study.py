@@ -76,6 +76,11 @@ def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str]
     return runs.train(workload, "fp32", out=folder, progress=progress)
 
 
+def config_section(config: dict) -> list[str]:
+    """The lines of a report's "Config" section: the config, one ``key: value`` a line."""
+    return ["## Config", "", "```yaml", *(f"{k}: {v}" for k, v in config.items()), "```", ""]
+
+
 def default_out(root: str, workload_name: str, config: str | None, overrides: Sequence[str]) -> Path:
     """``root/<workload>``, suffixed by a config other than quick and by the overrides, so that studies of two
     variants (``--model mobilenet_v2``) do not overwrite each other: ``fewbit-study/vision-model=mobilenet_v2``."""
@@ -191,12 +196,7 @@ def markdown(study: Study) -> str:
         f"- data: {json.dumps(b.get('data', {}))}",
         f"- versions: {json.dumps(b.get('versions', {}))}",
         "",
-        "## Config",
-        "",
-        "```yaml",
-        *(f"{k}: {v}" for k, v in study.config.items()),
-        "```",
-        "",
+        *config_section(study.config),
         f"![{study.metric} vs bits per weight]({_plot_name(study)})",
         "",
     ]

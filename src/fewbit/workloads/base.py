@@ -40,7 +40,7 @@ class Source:
 
     def require(self) -> None:
         if not self.available:
-            raise FileNotFoundError(f"data source {self.name!r} ({self.description}) is not available here; "
+            raise DataError(f"data source {self.name!r} ({self.description}) is not available here; "
                                     f"install it with: {self.install}")
 
 
@@ -105,6 +105,11 @@ class Workload(abc.ABC):
     @abc.abstractmethod
     def sources(cls) -> list[Source]:
         """Every data source this workload can use, in order of preference, with its availability here."""
+
+    @classmethod
+    def require_source(cls, name: str) -> None:
+        """A :class:`DataError` naming what to install unless source ``name`` is available here."""
+        next(s for s in cls.sources() if s.name == name).require()
 
     # -- the task ----------------------------------------------------------------------------------------------
     def setup(self) -> Workload:
@@ -257,6 +262,18 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, out of a DistributedDataParallel wrapper (whose ``module`` it is)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def installed(module: str) -> bool:
+    """Whether a Python package can be imported, without importing it (``fewbit workloads`` stays fast)."""
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def batch_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fewbit.workloads import text
-from fewbit.workloads.base import Source, TrainSettings, Workload, model_device
+from fewbit.workloads import bible, text
+from fewbit.workloads.base import Source, TrainSettings, Workload, model_device, unwrap
 from fewbit.workloads.gpt import GPT, GPTConfig
 
 
@@ -40,20 +40,13 @@ class LMConfig(TrainSettings):
         super().__post_init__()
         if self.source not in text.SOURCES:
             raise ValueError(f"source={self.source!r}; valid: {', '.join(text.SOURCES)}")
-        for name in ("block_size", "d_model", "heads", "layers", "d_ff", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.d_model % self.heads:
-            raise ValueError(f"d_model={self.d_model} must be a multiple of heads={self.heads}")
+        if self.eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size={self.eval_batch_size} must be >= 1")
+        self.gpt()  # the model's shape is checked when the config is read, not after the data is loaded
 
-
-def _kjv_available() -> bool:
-    try:
-        from fewbit.workloads import bible
-
-        return bible.available()
-    except ImportError:
-        return False
+    def gpt(self) -> GPTConfig:
+        return GPTConfig(vocab_size=text.VOCAB_SIZE, block_size=self.block_size, d_model=self.d_model,
+                         heads=self.heads, layers=self.layers, d_ff=self.d_ff, dropout=self.dropout)
 
 
 class LanguageModel(Workload):
@@ -68,13 +61,13 @@ class LanguageModel(Workload):
     def sources(cls) -> list[Source]:
         return [
             Source("stdlib", "the Python standard library's source, as bytes", True, "a Python with its stdlib"),
-            Source("kjv", "the King James Bible, Debian SWORD module read with pysword", _kjv_available(),
+            Source("kjv", "the King James Bible, Debian SWORD module read with pysword", bible.available(),
                    "apt-get install sword-text-kjv sword-text-sparv && pip install pysword"),
         ]
 
     def _setup(self) -> None:
         c = self.config
-        next(s for s in self.sources() if s.name == c.source).require()
+        self.require_source(c.source)
         self.splits = text.load(text.TextCorpus(source=c.source, max_bytes=c.max_bytes, seed=c.seed))
         for split, tokens in self.splits.items():
             if tokens.numel() < c.block_size + 1:
@@ -87,8 +80,7 @@ class LanguageModel(Workload):
     def build_model(self) -> nn.Module:
         c = self.config
         torch.manual_seed(c.seed)
-        return GPT(GPTConfig(vocab_size=text.VOCAB_SIZE, block_size=c.block_size, d_model=c.d_model, heads=c.heads,
-                             layers=c.layers, d_ff=c.d_ff, dropout=c.dropout))
+        return GPT(c.gpt())
 
     def batch(self, step: int, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.config
@@ -96,7 +88,7 @@ class LanguageModel(Workload):
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         ids, targets = batch
-        return _inner(model).loss(ids, targets)
+        return unwrap(model).loss(ids, targets)
 
     def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
         c = self.config
@@ -109,12 +101,8 @@ class LanguageModel(Workload):
     def sample(self, model: nn.Module, prompt: str = "def ", n: int = 200, seed: int = 0) -> str:
         """``n`` bytes generated after ``prompt`` (top-k 40 sampling), as text."""
         ids = text.encode(prompt)[None].long().to(model_device(model))
-        out = _inner(model).generate(ids, n, top_k=40, generator=torch.Generator().manual_seed(seed))
+        out = unwrap(model).generate(ids, n, top_k=40, generator=torch.Generator().manual_seed(seed))
         return text.decode(out[0])
-
-
-def _inner(model: nn.Module) -> GPT:
-    return model.module if hasattr(model, "module") else model  # DDP wraps the model
 
 
 __all__ = ["LMConfig", "LanguageModel"]

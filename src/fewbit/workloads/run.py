@@ -51,7 +51,8 @@ def warmup_cosine(warmup: int, steps: int, min_ratio: float):
     return factor
 
 
-def _optimizer(config):
+def optimizer_for(config):
+    """``params -> optimizer`` for a workload config: its optimizer and learning rate, weight decay on matrices."""
     def build(params):
         params = list(params)
         decay = [p for p in params if p.ndim >= 2]  # matrices decay; biases, norms and scales do not
@@ -81,7 +82,7 @@ def train(workload: Workload, recipe: str | _recipes.Recipe = "fp32", out: str |
     out = Path(out) if out is not None else None
     started = time.perf_counter()
     result = train_loop(
-        model, _optimizer(c), lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
+        model, optimizer_for(c), lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
         steps=c.steps, precision=recipe,
         lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup, c.steps,
                                                                                      c.min_lr_ratio)),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from fewbit.workloads import numbers, tokenizer
-from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, model_device
+from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, installed, model_device, unwrap
 from fewbit.workloads.tokenizer import BOS, EOS, PAD
 from fewbit.workloads.transformer import Seq2SeqTransformer, TransformerConfig
 
@@ -73,16 +73,7 @@ class Translate(Workload):
 
     @classmethod
     def sources(cls) -> list[Source]:
-        try:
-            import num2words  # noqa: F401
-
-            have_numbers = True
-        except ImportError:
-            have_numbers = False
-        try:
-            have_bible = _bible().available()
-        except ImportError:
-            have_bible = False
+        have_numbers, have_bible = installed("num2words"), _bible().available()
         return [
             Source("numbers", "number phrases generated with num2words (en to fr/de/es)", have_numbers,
                    "pip install num2words"),
@@ -92,7 +83,7 @@ class Translate(Workload):
 
     def _setup(self) -> None:
         c = self.config
-        next(s for s in self.sources() if s.name == c.source).require()
+        self.require_source(c.source)
         if c.source == "numbers":
             corpus = numbers.load(numbers.NumberCorpus(target=c.target, pairs=c.pairs, seed=c.seed,
                                                          max_cardinal=c.max_number))
@@ -136,7 +127,7 @@ class Translate(Workload):
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         src, tgt = batch
-        return _inner(model).loss(src, tgt, label_smoothing=self.config.label_smoothing)
+        return unwrap(model).loss(src, tgt, label_smoothing=self.config.label_smoothing)
 
     def artifacts(self) -> dict[str, bytes]:
         return {"tokenizer.model": self.tokenizer.model_bytes}
@@ -152,7 +143,7 @@ class Translate(Workload):
             rows = rows[:limit]
         was_training = model.training
         model.eval()
-        net = _inner(model)
+        net = unwrap(model)
         device = model_device(model)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch together
         hyps: list[str] = [""] * len(rows)
@@ -185,13 +176,9 @@ class Translate(Workload):
         """(source, reference, translation) for the first ``n`` sentences of a split."""
         rows = self.splits[split][:n]
         model.eval()
-        out = _inner(model).greedy(_pad([r[0] for r in rows]).to(model_device(model)), max_len=self.config.max_len + 1)
+        out = unwrap(model).greedy(_pad([r[0] for r in rows]).to(model_device(model)), max_len=self.config.max_len + 1)
         return [(self.tokenizer.decode(r[0]), r[2], self.tokenizer.decode(ids))
                 for r, ids in zip(rows, out.tolist(), strict=True)]
-
-
-def _inner(model: nn.Module) -> Seq2SeqTransformer:
-    return model.module if hasattr(model, "module") else model  # DDP wraps the model
 
 
 def _pad(seqs: list[list[int]]) -> torch.Tensor:

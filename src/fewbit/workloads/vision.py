@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewbit.workloads import cnn, images
-from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, model_device
+from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, installed, model_device
 
 
 @dataclass(frozen=True)
@@ -55,15 +55,6 @@ class VisionConfig(TrainSettings):
             raise ValueError(f"train_limit={self.train_limit} and max_shift={self.max_shift} must be >= 0")
 
 
-def _have_sklearn() -> bool:
-    try:
-        import sklearn  # noqa: F401
-
-        return True
-    except ImportError:
-        return False
-
-
 class Vision(Workload):
     name = "vision"
     description = "ResNet or MobileNet-v2 on Fashion-MNIST (8x8 digits fallback); top-1 accuracy"
@@ -77,14 +68,14 @@ class Vision(Workload):
         return [
             Source("fashion-mnist", f"Fashion-MNIST, Debian files in {images.FASHION_MNIST_DIR}",
                    images.available_source() == "fashion-mnist", images.INSTALL_HINT),
-            Source("digits", "scikit-learn's 8x8 digits (fallback: a much easier task)", _have_sklearn(),
+            Source("digits", "scikit-learn's 8x8 digits (fallback: a much easier task)", installed("sklearn"),
                    "pip install scikit-learn"),
         ]
 
     def _setup(self) -> None:
         c = self.config
         if c.source != "auto":
-            next(s for s in self.sources() if s.name == c.source).require()
+            self.require_source(c.source)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.data = images.load(images.ImageSpec(source=c.source, valid_size=c.valid_size,
