@@ -3,6 +3,8 @@ Skipped cleanly without a CUDA device."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -66,6 +68,6 @@ def test_workload_trains_on_cuda_like_on_cpu(workload, tmp_path, monkeypatch):
         config = cls.load_config("quick", [*tiny, "steps=20", "batch_size=8", "warmup=2", f"device={device}"])
         result = runs.train(cls(config), out=tmp_path / device, progress=False)
         assert next(result.model.parameters()).device.type == device
-        losses[device] = [float(line.split('"loss": ')[1].split(",")[0])
+        losses[device] = [json.loads(line)["loss"]
                           for line in (tmp_path / device / "metrics.jsonl").read_text().splitlines()]
     assert losses["cuda"] == pytest.approx(losses["cpu"], rel=2e-2)

@@ -84,8 +84,12 @@ def test_asr_trains_with_pinned_losses_evaluates_and_studies(tmp_path, capsys):
     assert _losses(out) == pytest.approx(ASR_LOSSES, rel=1e-4)
     record = json.loads((out / "run.json").read_text())
     assert record["data"]["engine"] == "espeak-ng" and record["data"]["test_utterances"] == 6
-    assert 0 <= record["valid"]["cer"] <= record["valid"]["wer"] + 100
+    assert record["valid"]["utterances"] == 6
     capsys.readouterr()
+    assert main(["eval", "asr", "--checkpoint", str(out), "--split", "valid", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)  # the saved run scores as training reported
+    assert (again["wer"], again["cer"], again["loss"]) == pytest.approx(
+        (record["valid"]["wer"], record["valid"]["cer"], record["valid"]["loss"]), rel=1e-6)
     assert main(["eval", "asr", "--checkpoint", str(out), "--recipe", "int8", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["recipe"] == "int8"
     study = tmp_path / "study"
