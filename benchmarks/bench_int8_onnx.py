@@ -44,8 +44,8 @@ from torch import nn
 
 import fewbit
 from benchmarks.common import environment, time_it, write_json
-from fewbit.workloads import cnn
-from fewbit.workloads.transformer import Seq2SeqTransformer, TransformerConfig
+from fewbit.workloads.models import cnn
+from fewbit.workloads.models.transformer import Seq2SeqTransformer, TransformerConfig
 
 MODELS = ("resnet", "mobilenet_v2", "encoder")
 TARGET = 1.5  # ort int8 at least this many times faster than ort fp32

@@ -9,7 +9,7 @@ from torch import nn
 import fewbit
 from fewbit import recipes
 from fewbit.nn import QActivation, QAdd
-from fewbit.workloads import cnn
+from fewbit.workloads.models import cnn
 from tests.test_workloads_models import tiny_cnn
 
 

@@ -135,7 +135,7 @@ def test_bad_input_is_a_clear_error_before_any_training(argv, message, tmp_path,
     assert not (tmp_path / "cache").exists()  # nothing was trained or prepared
 
 
-@pytest.mark.skipif(__import__("fewbit.workloads.images", fromlist=["x"]).available_source() != "fashion-mnist",
+@pytest.mark.skipif(__import__("fewbit.workloads.data.images", fromlist=["x"]).available_source() != "fashion-mnist",
                     reason="needs apt-get install dataset-fashion-mnist")
 def test_vision_exports_to_onnx_and_onnxruntime_scores_it(tmp_path, capsys):
     from tests.test_workloads_vision_asr import VISION

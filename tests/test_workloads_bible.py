@@ -7,8 +7,8 @@ from collections import defaultdict
 
 import pytest
 
-from fewbit.workloads import bible
-from fewbit.workloads.bible import BibleCorpus
+from fewbit.workloads.data import bible
+from fewbit.workloads.data.bible import BibleCorpus
 
 needs_bible = pytest.mark.skipif(not bible.available(), reason="needs pysword and the Debian packages "
                                  "sword-text-kjv sword-text-sparv")

@@ -10,7 +10,7 @@ from torch import nn
 
 import fewbit
 from fewbit.nn.modules import QLinear, QMatmul
-from fewbit.workloads.gpt import GPT, GPTConfig
+from fewbit.workloads.models.gpt import GPT, GPTConfig
 
 CONFIG = GPTConfig(vocab_size=32, block_size=16, d_model=32, heads=4, layers=2, d_ff=64, dropout=0.0)
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewbit.workloads import images
-from fewbit.workloads.images import DatasetError, ImageSpec
+from fewbit.workloads.data import images
+from fewbit.workloads.data.images import DatasetError, ImageSpec
 
 INSTALLED = images.available_source() == "fashion-mnist"
 needs_fashion_mnist = pytest.mark.skipif(not INSTALLED, reason="needs `apt-get install dataset-fashion-mnist`")

@@ -9,7 +9,7 @@ import pytest
 
 from fewbit import workloads
 from fewbit.cli import main
-from fewbit.workloads import bible
+from fewbit.workloads.data import bible
 
 # A GPT small enough to train in a second; deterministic (one thread, fixed seed).
 TINY = ["max_bytes=400000", "block_size=32", "d_model=32", "heads=2", "layers=1", "d_ff=64", "steps=4",

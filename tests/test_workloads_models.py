@@ -10,8 +10,8 @@ from torch import nn
 
 import fewbit
 from fewbit.nn.modules import _Quantized
-from fewbit.workloads import cnn
-from fewbit.workloads.quartznet import QuartzNet, QuartzNetConfig, ctc_loss, greedy_decode
+from fewbit.workloads.models import cnn
+from fewbit.workloads.models.quartznet import QuartzNet, QuartzNetConfig, ctc_loss, greedy_decode
 
 TINY_CNN = {"resnet": {"width": 0.5, "blocks_per_stage": (1, 1)},
             "mobilenet_v2": {"width": 0.25, "stages": ((1, 8, 1, 1), (4, 16, 2, 2)), "head_channels": 32,

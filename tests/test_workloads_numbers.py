@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fewbit.workloads import numbers
-from fewbit.workloads.numbers import NumberCorpus
+from fewbit.workloads.data import numbers
+from fewbit.workloads.data.numbers import NumberCorpus
 
 
 @pytest.fixture(autouse=True)

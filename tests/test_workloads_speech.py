@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from fewbit.workloads import speech
-from fewbit.workloads.speech import MelSpec, SpeechCorpus, SynthesisError
+from fewbit.workloads.data import speech
+from fewbit.workloads.data.speech import MelSpec, SpeechCorpus, SynthesisError
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="needs `apt-get install espeak-ng`")
 TINY = SpeechCorpus(train_utterances=6, valid_utterances=3, test_utterances=3, max_digits=3, seed=1)
@@ -234,7 +234,7 @@ def test_corpus_is_synthesized_once_then_read_from_the_cache(monkeypatch):
     def no_synthesis(*args, **kwargs):
         raise AssertionError("the cache should have been used")
 
-    monkeypatch.setattr(speech, "generate", no_synthesis)
+    monkeypatch.setattr(speech.corpus, "generate", no_synthesis)  # load() calls the corpus module's generate
     again = speech.load(TINY, progress=False)
     assert torch.equal(again["test"].audio, data["test"].audio) and again["test"].speakers == data["test"].speakers
     with pytest.raises(AssertionError, match="cache"):  # other parameters, another folder

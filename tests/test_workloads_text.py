@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from fewbit.workloads import bible, text
-from fewbit.workloads.text import TextCorpus
+from fewbit.workloads.data import bible, text
+from fewbit.workloads.data.text import TextCorpus
 
 
 @pytest.fixture(autouse=True)

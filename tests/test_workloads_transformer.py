@@ -7,8 +7,8 @@ import torch
 
 import fewbit
 from fewbit.nn.modules import QMatmul
-from fewbit.workloads.tokenizer import BOS, EOS, PAD
-from fewbit.workloads.transformer import Seq2SeqTransformer, TransformerConfig
+from fewbit.workloads.data.tokenizer import BOS, EOS, PAD
+from fewbit.workloads.models.transformer import Seq2SeqTransformer, TransformerConfig
 
 CONFIG = TransformerConfig(vocab_size=20, d_model=32, heads=4, encoder_layers=1, decoder_layers=1, d_ff=64,
                            dropout=0.0, max_len=16)

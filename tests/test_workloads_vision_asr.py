@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from fewbit.cli import main
-from fewbit.workloads import images
+from fewbit.workloads.data import images
 
 VISION = ["valid_size=200", "train_limit=512", "width=0.5", "blocks=1", "steps=4", "batch_size=16", "warmup=2",
           "eval_limit=64", "threads=1"]

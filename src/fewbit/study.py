@@ -28,7 +28,7 @@ from fewbit.atomic import write_bytes, write_text
 from fewbit.workloads import get
 from fewbit.workloads import run as runs
 from fewbit.workloads.base import config_dict
-from fewbit.workloads.cache import keyed_dir
+from fewbit.workloads.data.cache import keyed_dir
 
 
 @dataclass

@@ -1,13 +1,13 @@
 """``asr``: speech recognition with a QuartzNet-style CTC encoder on synthesized speech, scored by word error rate.
 
-Data (:mod:`fewbit.workloads.speech`): spoken digit sequences and short phrases synthesized offline with eSpeak NG
+Data (:mod:`fewbit.workloads.data.speech`): spoken digit sequences and short phrases synthesized offline with eSpeak NG
 (``apt-get install espeak-ng``; flite as the fallback) across accents, voices, speaking rates and pitches, the test
 speakers' voices never heard in training; synthesized once and cached. Training reads batches of utterances of
 similar length, each with random speed perturbation and noise, as normalised log-mel features computed in torch.
 
-Model (:mod:`fewbit.workloads.quartznet`): time-channel separable 1D convolutions with residual blocks, BatchNorm,
-dropout; CTC loss; greedy CTC decoding. ``width`` sets the channels (``width`` in the first three blocks, 1.5x in
-the last two, 2x in the epilogue), ``repeat`` the sub-blocks per block.
+Model (:mod:`fewbit.workloads.models.quartznet`): time-channel separable 1D convolutions with residual blocks,
+BatchNorm, dropout; CTC loss; greedy CTC decoding. ``width`` sets the channels (``width`` in the first three
+blocks, 1.5x in the last two, 2x in the epilogue), ``repeat`` the sub-blocks per block.
 
 The metric is the word error rate ``wer`` in percent (jiwer, over the whole split; lower is better); evaluations also
 report the character error rate ``cer`` (percent) and the CTC ``loss``.
@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fewbit.workloads import speech
 from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, model_device
-from fewbit.workloads.quartznet import QuartzNet, QuartzNetConfig, ctc_loss, greedy_decode
+from fewbit.workloads.data import speech
+from fewbit.workloads.models.quartznet import QuartzNet, QuartzNetConfig, ctc_loss, greedy_decode
 
 
 @dataclass(frozen=True)

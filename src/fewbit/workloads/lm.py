@@ -1,6 +1,6 @@
 """``lm``: a GPT decoder trained on bytes of real text, scored by perplexity.
 
-Data, by ``source`` (:mod:`fewbit.workloads.text`):
+Data, by ``source`` (:mod:`fewbit.workloads.data.text`):
 
 - ``stdlib`` (default, everywhere): the Python standard library's own source, about 10 MB of code, docstrings and
   comments. Every machine that runs fewbit has it, so the default needs no package and no download; its files
@@ -9,7 +9,7 @@ Data, by ``source`` (:mod:`fewbit.workloads.text`):
 
 Tokens are bytes (vocabulary 256): no tokenizer to train or ship, and perplexity, nats and bits per byte compare
 across configs. The metric is the perplexity of the valid or test split read in non-overlapping windows of
-``block_size`` tokens (:func:`fewbit.workloads.text.evaluate`); ``eval_limit`` caps the tokens read (0: all).
+``block_size`` tokens (:func:`fewbit.workloads.data.text.evaluate`); ``eval_limit`` caps the tokens read (0: all).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fewbit.workloads import bible, text
 from fewbit.workloads.base import Source, TrainSettings, Workload, model_device, unwrap
-from fewbit.workloads.gpt import GPT, GPTConfig
+from fewbit.workloads.data import bible, text
+from fewbit.workloads.models.gpt import GPT, GPTConfig
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 Data, by ``source``:
 
-- ``numbers`` (default, everywhere): number phrases generated with num2words (:mod:`fewbit.workloads.numbers`),
+- ``numbers`` (default, everywhere): number phrases generated with num2words (:mod:`fewbit.workloads.data.numbers`),
   English to ``target`` = fr, de or es.
 - ``bible``: English-Spanish verse pairs (KJV and Reina-Valera) read from the Debian SWORD modules
-  (:mod:`fewbit.workloads.bible`); ``target`` must be es.
+  (:mod:`fewbit.workloads.data.bible`); ``target`` must be es.
 
 One sentencepiece vocabulary is trained on both sides of the training split. The metric is corpus BLEU
 (sacrebleu, its default 13a tokenization) of greedy (``beam=1``) or beam-search translations; evaluations also
@@ -20,10 +20,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fewbit.workloads import numbers, tokenizer
 from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, installed, model_device, unwrap
-from fewbit.workloads.tokenizer import BOS, EOS, PAD
-from fewbit.workloads.transformer import Seq2SeqTransformer, TransformerConfig
+from fewbit.workloads.data import numbers, tokenizer
+from fewbit.workloads.data.tokenizer import BOS, EOS, PAD
+from fewbit.workloads.models.transformer import Seq2SeqTransformer, TransformerConfig
 
 SOURCES = ("numbers", "bible")
 
@@ -58,7 +58,7 @@ class TranslateConfig(TrainSettings):
 
 
 def _bible():
-    from fewbit.workloads import bible
+    from fewbit.workloads.data import bible
 
     return bible
 

@@ -1,13 +1,13 @@
 """``vision``: image classification with a small ResNet or a MobileNet-v2, scored by top-1 accuracy.
 
-Data, by ``source`` (:mod:`fewbit.workloads.images`):
+Data, by ``source`` (:mod:`fewbit.workloads.data.images`):
 
 - ``auto`` (default): Fashion-MNIST when Debian's ``dataset-fashion-mnist`` is installed, else scikit-learn's 8x8
   digits with a loud warning (a much easier task: its accuracy is not comparable);
 - ``fashion-mnist``: an error naming the package when the files are missing or truncated;
 - ``digits``: always the 8x8 digits.
 
-Models (``model``, :mod:`fewbit.workloads.cnn`): ``resnet`` (basic blocks, ``blocks`` per stage, 16 * ``width``
+Models (``model``, :mod:`fewbit.workloads.models.cnn`): ``resnet`` (basic blocks, ``blocks`` per stage, 16 * ``width``
 channels in the first stage) or ``mobilenet_v2`` (inverted residuals with depthwise convolutions, the known hard
 case for 8-bit formats with one scale per tensor; ``width`` is its width multiplier, ``stem_stride`` 2 quarters its
 cost). Training batches are random shifts (and mirror images, where they keep the class) of training images.
@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewbit.workloads import cnn, images
 from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, installed, model_device
+from fewbit.workloads.data import images
+from fewbit.workloads.models import cnn
 
 
 @dataclass(frozen=True)

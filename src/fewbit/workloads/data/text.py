@@ -8,11 +8,11 @@ string). Files are listed in sorted order and each goes whole to train, valid or
 relative to the library, so no file is in two splits. Within a split the files follow a fixed pseudo-random order
 (again by hash), so that a ``max_bytes`` cap keeps a sample of the whole library rather than its first letters.
 
-``source="kjv"`` is the King James Bible instead (:func:`fewbit.workloads.bible.english_text`, split by chapter),
+``source="kjv"`` is the King James Bible instead (:func:`fewbit.workloads.data.bible.english_text`, split by chapter),
 when its Debian module is installed: natural English prose, about 4 MB.
 
 Tokens are bytes (vocabulary 256), so perplexity and bits per byte need no tokenizer to compare. The three splits
-are cached as raw ``.bin`` files (:mod:`fewbit.workloads.cache`). The standard library differs between Python
+are cached as raw ``.bin`` files (:mod:`fewbit.workloads.data.cache`). The standard library differs between Python
 versions, so the cache key holds the Python version and the library's path next to the parameters; the same key
 on two machines means the same files, not necessarily the same bytes (a distribution may patch its library).
 
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewbit.atomic import write_bytes, write_text
-from fewbit.workloads.cache import keyed_dir, split_of
+from fewbit.workloads.data.cache import keyed_dir, split_of
 
 SPLITS = ("train", "valid", "test")
 SOURCES = ("stdlib", "kjv")
@@ -97,7 +97,7 @@ def stdlib_files(spec: TextCorpus | None = None) -> dict[str, list[str]]:
 def generate(spec: TextCorpus) -> dict[str, bytes]:
     """The bytes of each split, without touching the cache. Each stdlib file is followed by a newline."""
     if spec.source == "kjv":
-        from fewbit.workloads import bible
+        from fewbit.workloads.data import bible
 
         text = bible.english_text(bible.BibleCorpus(seed=spec.seed, valid_percent=spec.valid_percent,
                                                     test_percent=spec.test_percent))
@@ -114,7 +114,7 @@ def generate(spec: TextCorpus) -> dict[str, bytes]:
 
 def _key(spec: TextCorpus) -> dict:
     if spec.source == "kjv":
-        from fewbit.workloads import bible
+        from fewbit.workloads.data import bible
 
         origin = {"module": bible.modules()["english"]}
     else:

@@ -10,7 +10,7 @@ import io
 from dataclasses import dataclass
 
 from fewbit.atomic import write_bytes
-from fewbit.workloads.cache import keyed_dir
+from fewbit.workloads.data.cache import keyed_dir
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fewbit.nn.modules import QMatmul
-from fewbit.workloads.tokenizer import BOS, EOS, PAD
+from fewbit.workloads.data.tokenizer import BOS, EOS, PAD
 
 
 @dataclass(frozen=True)

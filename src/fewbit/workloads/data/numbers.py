@@ -5,7 +5,7 @@ Each pair renders one number in both languages as a cardinal ("one hundred and t
 -> "mil novecientos ochenta y cuatro"). Numbers are drawn log-uniformly so that short and long phrases both occur.
 The split of a pair is decided by a hash of its English side, so no source sentence is in two splits; duplicates
 within a split are dropped. Everything is a function of the parameters and the seed, and cached on disk
-(:mod:`fewbit.workloads.cache`).
+(:mod:`fewbit.workloads.data.cache`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fewbit.atomic import write_text
-from fewbit.workloads.cache import keyed_dir, split_of
+from fewbit.workloads.data.cache import keyed_dir, split_of
 
 LANGUAGES = ("fr", "de", "es")
 KINDS = ("cardinal", "ordinal", "year")

@@ -18,7 +18,7 @@ form each 5 % split. Whole books would be cleaner still but too coarse (66 books
 verses remain across chapters ("And the LORD spake unto Moses, saying,"); a valid or test verse whose English text
 also occurs in train is dropped, as are repeats within valid and test, so no English verse is in two splits.
 
-The pairs are cached as TSV files (:mod:`fewbit.workloads.cache`), keyed by the parameters and by the two modules'
+The pairs are cached as TSV files (:mod:`fewbit.workloads.data.cache`), keyed by the parameters and by the two modules'
 names and versions. :func:`english_text` gives the KJV alone, split the same way, for language modelling.
 """
 
@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from fewbit.atomic import write_text
-from fewbit.workloads.cache import keyed_dir, split_of
-from fewbit.workloads.numbers import read_pairs
+from fewbit.workloads.data.cache import keyed_dir, split_of
+from fewbit.workloads.data.numbers import read_pairs
 
 SPLITS = ("train", "valid", "test")
 INSTALL_MODULES = "apt-get install sword-text-kjv sword-text-sparv"
