@@ -182,3 +182,40 @@ def check_compatible(state: dict, model: torch.nn.Module, config: dict) -> None:
         if saved_config.get(key) != config.get(key):
             raise CheckpointError(f"the checkpoint's config differs at {key!r}: saved {saved_config.get(key)!r}, "
                                   f"this run {config.get(key)!r}")
+
+
+def save_training(directory: str | os.PathLike, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  schedule, scaler, extra_tensors: dict[str, torch.Tensor], config: dict,
+                  keep_last: int = 3) -> Path:
+    """One checkpoint of a training run: :func:`save` with the loss scaler's and LR schedule's state and the run's
+    config. ``extra_tensors``: e.g. the master weights."""
+    state = {"config": config, "scaler": scaler.state_dict() if scaler is not None else None,
+             "scaler_kind": type(scaler).__name__ if scaler is not None else None,
+             "schedule": _plain_schedule(schedule)}
+    return save(directory, step, model, optimizer, extra_tensors, state, keep_last)
+
+
+def restore_training(tensors: dict[str, torch.Tensor], state: dict, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, schedule, scaler) -> int:
+    """Load a checkpoint read by :func:`load` into a run's objects (RNG states last); return its step. Extra
+    tensors (master weights) are the caller's to load."""
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    if schedule is not None and state.get("schedule") is not None:
+        schedule.load_state_dict(state["schedule"])
+    if scaler is not None and state.get("scaler") is not None:
+        scaler.load_state_dict(state["scaler"])
+    restore_rng(state, tensors)
+    return int(state["step"])
+
+
+def _plain_schedule(schedule) -> dict | None:
+    if schedule is None:
+        return None
+    state = schedule.state_dict()
+    try:
+        json.dumps(state)
+    except TypeError as error:
+        raise ValueError(f"the LR schedule's state is not JSON-serializable ({error}); use a schedule built from "
+                         "numbers (LambdaLR lambdas are not stored, only their counters)") from None
+    return state

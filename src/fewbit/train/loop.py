@@ -1,20 +1,34 @@
 """One training loop for every precision.
 
-Precision policies (``precision=``):
+``precision=`` is a recipe: a preset name, a :class:`~fewbit.Recipe`, a dict of its fields or a ``.yaml``/``.yml``
+file (:func:`fewbit.recipes.get`). A name means the same here, in ``quantize_``, in a workload config and in
+``fewbit train --recipe``. The loop honours every field (:class:`~fewbit.train.precision.Precision`): the layers
+are converted by ``quantize_`` when the recipe changes their arithmetic, the forward pass runs under
+``torch.autocast`` when it sets ``autocast``, the parameters are stored in ``param_dtype`` with a float32 master
+copy taking the update when ``master_weight_dtype`` is wider, and ``loss_scaling`` is the default scaler:
 
-- ``fp32``: plain float32.
-- ``bf16``: autocast to bfloat16, float32 parameters, no loss scaling.
-- ``fp16_mixed``: autocast to float16, float32 parameters, dynamic loss scaling by default.
-- ``fp16_pure``: the mixed precision paper's method: parameters stored in float16 (half the weight memory); an
-  float32 master copy receives the update and is rounded back into the float16 parameters after every step;
-  dynamic loss scaling by default.
-- any fewbit recipe name or :class:`~fewbit.Recipe` (``fp8``, ``mxfp8``, ``mxfp6``, ...): the model's layers are
-  converted with :func:`fewbit.quantize_` and train in the emulated formats; the recipe's ``loss_scaling`` hint
-  picks the default scaler.
+| precision | layers (quantize_) | autocast | param_dtype | master copy | loss_scaling |
+|---|---|---|---|---|---|
+| fp32 | - | - | float32 | - | none |
+| bf16 | operands rounded to bf16 | - | float32 | - | none |
+| fp16 | operands rounded to fp16 | - | float32 | - | dynamic |
+| bf16_mixed | - | bfloat16 | float32 | - | none |
+| fp16_mixed | - | float16 | float32 | - | dynamic |
+| fp16_pure | - | - | float16 | float32 | dynamic |
+| any other recipe (fp8, mxfp8, mxfp6, mxfp4, int8, w4a16, ...) | quantize_ by its specs | - | float32 | - | none |
+
+"operands rounded to bf16": every GEMM operand of the converted layers (Linear, Conv, fewbit's QMatmul) is rounded
+to bfloat16 and the GEMM accumulates in float32, exactly as a model directly cast to the recipe evaluates;
+``bf16_mixed`` is PyTorch's autocast instead (every autocast-listed op, outputs in bfloat16; the native path on a
+GPU). ``fp16_pure`` is the mixed precision paper's method: float16 parameters (half the weight memory) and batches,
+a float32 master copy that receives the update and is rounded back after every step. A custom recipe may combine
+the fields (``Recipe(param_dtype="bfloat16", master_weight_dtype="bfloat16")``: pure bfloat16, the optimizer
+updating the bfloat16 parameters themselves).
 
 The step: forward and backward on ``grad_accum`` micro-batches (the loss multiplied by the loss scale), gradients
 unscaled, a non-finite gradient on *any* rank skips the step everywhere (and backs the scale off), gradients
 clipped (after unscaling), optimizer step, schedule step. Weight decay is the optimizer's and never sees the scale.
+Everything else (evaluation, logs, progress, checkpoints, early stop) is a callback (:mod:`fewbit.train.callbacks`).
 
 Data is a function ``data(step, micro) -> batch`` of the position, so a resumed run sees exactly the batches it
 would have seen; under ``torchrun`` each rank takes its slice of the global batch (:func:`shard`).
@@ -23,34 +37,49 @@ would have seen; under ``torchrun`` each rank takes its slice of the global batc
 from __future__ import annotations
 
 import contextlib
-import json
-import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fewbit import recipes as _recipes
 from fewbit.train import checkpoint as ckpt
-from fewbit.train.gradstats import GradientStatistics
-from fewbit.train.scaler import StaticScaler, make_scaler, unscale_and_check
-
-POLICIES = ("fp32", "bf16", "fp16_mixed", "fp16_pure")
+from fewbit.train.callbacks import (
+    Callback,
+    Checkpoints,
+    Evaluate,
+    GradientStats,
+    MetricsLog,
+    MLPerfLog,
+    OnStep,
+    ProgressBar,
+    TrainState,
+)
+from fewbit.train.precision import Precision
+from fewbit.train.scaler import unscale_and_check
 
 
 @dataclass
 class TrainResult:
+    """What a run did: optimizer steps done (``step``), the loss of each step run here, steps skipped for
+    non-finite gradients, the final loss scale (None without scaling), the evaluations (``{"step": ..., metric:
+    value}``), wall-clock seconds, and why it stopped before ``steps`` (None when it ran them all)."""
+
     step: int
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
     final_scale: float | None = None
     evals: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    stop_reason: str | None = None
+
+    @property
+    def stopped_early(self) -> bool:
+        return self.stop_reason is not None
 
 
 def distributed() -> tuple[int, int]:
@@ -77,16 +106,6 @@ def shard(batch, rank: int, world: int):
     return batch
 
 
-def _to_half(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch.half() if batch.is_floating_point() else batch
-    if isinstance(batch, dict):
-        return {k: _to_half(v) for k, v in batch.items()}
-    if isinstance(batch, tuple | list):
-        return type(batch)(_to_half(v) for v in batch)
-    return batch
-
-
 def train(
     model: torch.nn.Module,
     optimizer_fn: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
@@ -94,7 +113,7 @@ def train(
     loss_fn: Callable[[torch.nn.Module, object], torch.Tensor],
     *,
     steps: int,
-    precision: str | _recipes.Recipe = "fp32",
+    precision: str | os.PathLike | dict | _recipes.Recipe | Precision = "fp32",
     loss_scaling: str | float | None = "auto",
     lr_schedule: Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler] | None = None,
     grad_clip: float | None = None,
@@ -113,152 +132,183 @@ def train(
     config: dict | None = None,
     on_step: Callable[[int, torch.nn.Module], None] | None = None,
     parallel: str = "ddp",
+    callbacks: Sequence[Callback] = (),
 ) -> TrainResult:
-    """Train ``model`` for ``steps`` optimizer steps; see the module docstring. Returns a :class:`TrainResult`.
+    """Train ``model`` in place for ``steps`` optimizer steps; see the module docstring. Returns a
+    :class:`TrainResult`.
 
-    ``optimizer_fn(params)`` builds the optimizer (for ``fp16_pure`` it receives the float32 master parameters).
-    ``loss_scaling``: "auto" (dynamic for fp16 policies and recipes that ask for it, else none), "none", a
-    number (static), "dynamic"/"backoff" or "logmax". ``checkpoint_dir`` with ``resume=True`` continues from the
-    newest usable checkpoint there. ``config``: what this run is (recipe, hyper-parameters...), stored in
-    checkpoints and compared on resume. ``on_step(step, model)``: a hook after each optimizer step.
+    ``optimizer_fn(params)`` builds the optimizer (with a master copy it receives the float32 master parameters).
+    ``precision``: a recipe (name, Recipe, dict, .yaml path) or a :class:`Precision`. ``loss_scaling``: "auto" (the
+    recipe's ``loss_scaling``), "none", a number (static), "dynamic"/"backoff" or "logmax". ``checkpoint_dir`` with
+    ``resume=True`` continues from the newest usable checkpoint there. ``config``: what this run is (recipe,
+    hyper-parameters...), stored in checkpoints and compared on resume.
+
+    The other keyword arguments build the built-in callbacks (:mod:`fewbit.train.callbacks`): ``eval_fn`` every
+    ``eval_every`` steps (Evaluate), ``log_path`` (MetricsLog, JSONL), ``mllog_path`` (MLPerfLog),
+    ``grad_stats_every`` into ``grad_stats_dir`` (GradientStats; default ``checkpoint_dir/grad_stats``),
+    ``on_step(step, model)`` (OnStep), ``checkpoint_every`` into ``checkpoint_dir`` keeping ``keep_last``
+    (Checkpoints), ``progress`` (ProgressBar). ``callbacks``: more, run after those (e.g.
+    :class:`~fewbit.train.callbacks.StopAtTarget`).
     ``parallel``: under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per layer with
     parameters, then the whole model: parameters, gradients and optimizer state sharded across ranks).
     """
     if steps < 0 or grad_accum < 1:
         raise ValueError(f"steps={steps}, grad_accum={grad_accum}; need steps >= 0 and grad_accum >= 1")
-    rank, world = distributed()
-    policy, recipe = _policy(precision)
-    device = next(model.parameters()).device
-    if recipe is not None and not recipe.is_identity:
-        from fewbit.nn import quantize_
-
-        quantize_(model, recipe)
-
-    master: list[torch.nn.Parameter] | None = None
-    if policy == "fp16_pure":
-        model.half()
-        master = [torch.nn.Parameter(p.detach().float().clone()) for p in model.parameters()]
-    net = model
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"unknown parallel {parallel!r}; valid: ddp, fsdp")
+    precision = Precision.of(precision)
+    scaler = precision.scaler(loss_scaling)
+    built = _builtin_callbacks(eval_fn, eval_every, log_path, mllog_path, grad_stats_every,
+                               grad_stats_dir or Path(checkpoint_dir or ".") / "grad_stats", on_step,
+                               checkpoint_dir if checkpoint_every else None, checkpoint_every, keep_last, progress)
+    state = _setup(model, optimizer_fn, precision, scaler, lr_schedule, steps, grad_accum, grad_clip, config,
+                   parallel, [*built, *callbacks], uses_checkpoints=checkpoint_dir is not None)
+    if checkpoint_dir is not None and resume:
+        _resume(state, checkpoint_dir)
+    state.result.step = state.step
+    error = None
+    try:
+        for callback in state.callbacks:
+            callback.on_train_start(state)
+        _run(state, data, loss_fn, grad_accum, grad_clip)
+    except BaseException as raised:
+        error = raised
+        raise
+    finally:
+        state.result.seconds = state.elapsed()
+        state.result.final_scale = scaler.scale if scaler is not None else None
+        state.result.stop_reason = state.stop_reason
+        for callback in state.callbacks:
+            callback.on_train_end(state, error)
+    if state.world > 1:
+        dist.barrier()
+    return state.result
+
+
+def _builtin_callbacks(eval_fn, eval_every, log_path, mllog_path, grad_stats_every, grad_stats_dir, on_step,
+                       checkpoint_dir, checkpoint_every, keep_last, progress) -> list[Callback]:
+    """train()'s keyword arguments as callbacks, in the documented order."""
+    built: list[Callback] = []
+    if eval_fn is not None and eval_every:
+        built.append(Evaluate(eval_fn, eval_every))
+    if log_path:
+        built.append(MetricsLog(log_path))
+    if mllog_path:
+        built.append(MLPerfLog(mllog_path))
+    if grad_stats_every:
+        built.append(GradientStats(grad_stats_every, grad_stats_dir))
+    if on_step is not None:
+        built.append(OnStep(on_step))
+    if checkpoint_dir is not None:
+        built.append(Checkpoints(checkpoint_dir, checkpoint_every, keep_last))
+    if progress:
+        built.append(ProgressBar())
+    return built
+
+
+def _setup(model, optimizer_fn, precision: Precision, scaler, lr_schedule, steps, grad_accum, grad_clip, config,
+           parallel, callbacks, uses_checkpoints: bool) -> TrainState:
+    """Prepare the model (layers, dtype, master weights, DDP/FSDP) and build the optimizer and schedule."""
+    rank, world = distributed()
+    device = next(model.parameters()).device
+    master = precision.prepare(model)
+    net = model
     if world > 1 and parallel == "fsdp":
-        if master is not None or checkpoint_dir is not None:
-            raise ValueError("parallel='fsdp' does not yet support fp16_pure master weights or checkpoints; use "
+        if master is not None or uses_checkpoints or any(isinstance(c, Checkpoints) for c in callbacks):
+            raise ValueError("parallel='fsdp' does not yet support master weights (fp16_pure) or checkpoints; use "
                              "parallel='ddp' for those")
         _fully_shard(model)
     elif world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-
-    params = master if master is not None else list(model.parameters())
+    params = master.params if master is not None else list(model.parameters())
     optimizer = optimizer_fn(params)
     schedule = lr_schedule(optimizer) if lr_schedule else None
-    scaler = _scaler(loss_scaling, policy, recipe)
+    run_config = {"precision": precision.name, "grad_accum": grad_accum, "grad_clip": grad_clip,
+                  "world_size": world, **(config or {}), "recipe": precision.recipe.to_dict()}
+    return TrainState(model=model, net=net, optimizer=optimizer, schedule=schedule, scaler=scaler,
+                      precision=precision, master=master, params=params, device=device, rank=rank, world=world,
+                      steps=steps, run_config=run_config, result=TrainResult(step=0), callbacks=list(callbacks))
 
-    run_config = {"precision": recipe.name if recipe is not None else policy, "grad_accum": grad_accum,
-                  "grad_clip": grad_clip, "world_size": world, **(config or {})}
-    if recipe is not None:
-        run_config["recipe"] = recipe.to_dict()
-    start_step = 0
-    if checkpoint_dir is not None and resume:
-        found = ckpt.load_latest_valid(checkpoint_dir)
-        if found is not None:
-            _, tensors, state = found
-            ckpt.check_compatible(state, model, run_config)
-            start_step = _restore(state, tensors, model, master, optimizer, schedule, scaler)
 
-    autocast = _autocast(policy, device)
-    stats = GradientStatistics(model) if grad_stats_every else None
-    for path in (log_path, mllog_path):
-        if path and rank == 0:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "a") if log_path and rank == 0 else None
-    mllogger = _mllogger(mllog_path, run_config) if mllog_path and rank == 0 else None
-    result = TrainResult(step=start_step)
-    started = time.perf_counter()
-    bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                   TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                   disable=not progress or rank != 0, transient=False)
+def _resume(state: TrainState, directory) -> None:
+    found = ckpt.load_latest_valid(directory)
+    if found is None:
+        return
+    _, tensors, saved = found
+    ckpt.check_compatible(_comparable(saved), state.model, state.run_config)
+    state.step = ckpt.restore_training(tensors, saved, state.model, state.optimizer, state.schedule, state.scaler)
+    if state.master is not None:
+        state.master.load_state_tensors(tensors)
+
+
+# The policies train() took before precision names were recipes, as the presets that compute the same.
+_OLD_POLICIES = {"fp32": "fp32", "bf16": "bf16_mixed", "fp16_mixed": "fp16_mixed", "fp16_pure": "fp16_pure"}
+
+
+def _comparable(saved: dict) -> dict:
+    """A checkpoint's state with its recipe in today's form: fields added since filled with their defaults, and a
+    checkpoint of an old policy (no recipe stored) given the preset that computes as it did. Old ``bf16`` runs were
+    autocast: they map to ``bf16_mixed`` and are refused when resumed as the ``bf16`` recipe."""
+    config = dict(saved.get("config", {}))
     try:
-        with bar:
-            task = bar.add_task("train", total=steps, completed=start_step, info="")
-            for step in range(start_step, steps):
-                t0 = time.perf_counter()
-                scale = scaler.scale if scaler is not None else 1.0
-                loss_sum = 0.0
-                samples = 0
-                for micro in range(grad_accum):
-                    batch = shard(data(step, micro), rank, world)
-                    if policy == "fp16_pure":
-                        batch = _to_half(batch)
-                    last = world == 1 or micro == grad_accum - 1
-                    sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
-                    with sync, autocast:
-                        loss = loss_fn(net, batch)
-                    if not loss.dim() == 0:
-                        raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
-                    with sync:
-                        (loss.float() * (scale / grad_accum)).backward()
-                    loss_sum += float(loss.detach()) / grad_accum
-                    samples += _batch_size(batch)
-                if master is not None:  # float16 gradients -> the float32 master copy
-                    for p, m in zip(model.parameters(), master, strict=True):
-                        m.grad = p.grad.detach().float() if p.grad is not None else None
-                        p.grad = None
-                found_inf, grad_max = unscale_and_check(params, scale)
-                found_inf = _any_rank(found_inf, device, world)
-                if stats is not None and step % grad_stats_every == 0 and not found_inf:
-                    stats.record(step, master)
-                skip = scaler.update(found_inf, grad_max) if scaler is not None else found_inf
-                if not skip:
-                    if grad_clip is not None:
-                        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                    optimizer.step()
-                    if master is not None:
-                        with torch.no_grad():
-                            for p, m in zip(model.parameters(), master, strict=True):
-                                p.copy_(m)  # rounded to float16
-                else:
-                    result.skipped_steps += 1
-                optimizer.zero_grad(set_to_none=True)
-                if schedule is not None:
-                    schedule.step()
-                result.step = step + 1
-                result.losses.append(loss_sum)
-                lr = optimizer.param_groups[0]["lr"]
-                record = {"step": step + 1, "loss": loss_sum, "scale": scale, "skipped": bool(skip), "lr": lr,
-                          "samples_per_s": samples * world / max(time.perf_counter() - t0, 1e-9)}
-                if eval_fn is not None and eval_every and (step + 1) % eval_every == 0:
-                    metrics = _evaluate(eval_fn, model)
-                    record["eval"] = metrics
-                    result.evals.append({"step": step + 1, **metrics})
-                    if mllogger is not None:
-                        _mllog_eval(mllogger, step + 1, metrics)
-                if log is not None:
-                    log.write(json.dumps(record) + "\n")
-                    log.flush()
-                if on_step is not None:
-                    on_step(step + 1, model)
-                if checkpoint_dir is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 \
-                        and rank == 0:
-                    _save(checkpoint_dir, step + 1, model, master, optimizer, schedule, scaler, run_config,
-                          keep_last)
-                bar.update(task, advance=1, info=f"loss {loss_sum:.4f}  scale {scale:g}  "
-                                                 f"{record['samples_per_s']:.0f} samples/s")
-    finally:
-        if log is not None:
-            log.close()
-    result.seconds = time.perf_counter() - started
-    result.final_scale = scaler.scale if scaler is not None else None
-    if stats is not None and rank == 0:
-        stats.save(grad_stats_dir or (Path(checkpoint_dir or ".") / "grad_stats"))
-    if mllogger is not None:
-        from mlperf_logging.mllog import constants
+        if "recipe" in config:
+            config["recipe"] = _recipes.Recipe.from_dict(config["recipe"]).to_dict()
+        elif config.get("precision") in _OLD_POLICIES:
+            config["recipe"] = _recipes.get(_OLD_POLICIES[config["precision"]]).to_dict()
+    except (ValueError, TypeError):
+        pass  # left as saved: check_compatible names the difference
+    return {**saved, "config": config}
 
-        mllogger.end(key=constants.RUN_STOP, value=None, metadata={"status": "success", "step": result.step})
-    if world > 1:
-        dist.barrier()
-    return result
+
+def _run(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | None) -> None:
+    """The steps from ``state.step`` to ``state.steps``, or until a callback asks to stop."""
+    net, optimizer, scaler, master = state.net, state.optimizer, state.scaler, state.master
+    autocast = state.precision.autocast(state.device)
+    for step in range(state.step, state.steps):
+        t0 = time.perf_counter()
+        scale = scaler.scale if scaler is not None else 1.0
+        loss_sum = 0.0
+        samples = 0
+        for micro in range(grad_accum):
+            batch = state.precision.cast_batch(shard(data(step, micro), state.rank, state.world))
+            last = state.world == 1 or micro == grad_accum - 1
+            with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+                with autocast:
+                    loss = loss_fn(net, batch)
+                if not loss.dim() == 0:
+                    raise ValueError(f"loss_fn must return a scalar loss, got shape {tuple(loss.shape)}")
+                (loss.float() * (scale / grad_accum)).backward()
+            loss_sum += float(loss.detach()) / grad_accum
+            samples += _batch_size(batch)
+        if master is not None:
+            master.take_grads()
+        found_inf, grad_max = unscale_and_check(state.params, scale)
+        found_inf = _any_rank(found_inf, state.device, state.world)
+        for callback in state.callbacks:
+            callback.on_gradients(state, found_inf)
+        skip = scaler.update(found_inf, grad_max) if scaler is not None else found_inf
+        if not skip:
+            if grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(state.params, grad_clip)
+            optimizer.step()
+            if master is not None:
+                master.copy_to_model()
+        else:
+            state.result.skipped_steps += 1
+        optimizer.zero_grad(set_to_none=True)
+        if state.schedule is not None:
+            state.schedule.step()
+        state.step = state.result.step = step + 1
+        state.result.losses.append(loss_sum)
+        record = {"step": step + 1, "loss": loss_sum, "scale": scale, "skipped": bool(skip),
+                  "lr": optimizer.param_groups[0]["lr"],
+                  "samples_per_s": samples * state.world / max(time.perf_counter() - t0, 1e-9)}
+        for callback in state.callbacks:
+            callback.on_step_end(state, record)
+        if _any_rank(state.stop_reason is not None, state.device, state.world):
+            state.request_stop("another rank asked to stop")
+            break
 
 
 def _fully_shard(model: torch.nn.Module) -> None:
@@ -270,43 +320,13 @@ def _fully_shard(model: torch.nn.Module) -> None:
     fully_shard(model)
 
 
-def _policy(precision) -> tuple[str, _recipes.Recipe | None]:
-    if isinstance(precision, _recipes.Recipe):
-        return "recipe", precision
-    if precision in POLICIES:
-        return precision, None
-    try:
-        return "recipe", _recipes.get(precision)
-    except ValueError:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(POLICIES)}, or a recipe: "
-                         f"{', '.join(_recipes.names())}") from None
-
-
-def _scaler(loss_scaling, policy: str, recipe) -> StaticScaler | None:
-    if loss_scaling == "auto":
-        if policy in ("fp16_mixed", "fp16_pure"):
-            loss_scaling = "dynamic"
-        elif recipe is not None:
-            loss_scaling = recipe.loss_scaling
-        else:
-            loss_scaling = None
-    return make_scaler(loss_scaling)
-
-
-def _autocast(policy: str, device: torch.device):
-    if policy == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if policy == "fp16_mixed":
-        return torch.autocast(device.type, dtype=torch.float16)
-    return contextlib.nullcontext()
-
-
-def _any_rank(found_inf: bool, device: torch.device, world: int) -> bool:
+def _any_rank(flag: bool, device: torch.device, world: int) -> bool:
+    """True on every rank when ``flag`` is True on any."""
     if world == 1:
-        return found_inf
-    flag = torch.tensor([1.0 if found_inf else 0.0], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item() > 0)
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
 
 
 def _batch_size(batch) -> int:
@@ -317,70 +337,3 @@ def _batch_size(batch) -> int:
     if isinstance(batch, tuple | list) and batch:
         return _batch_size(batch[0])
     return 1
-
-
-def _evaluate(eval_fn, model) -> dict:
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        metrics = eval_fn(model)
-    model.train(was_training)
-    return {k: float(v) for k, v in metrics.items()}
-
-
-def _save(directory, step, model, master, optimizer, schedule, scaler, run_config, keep_last) -> None:
-    extra = {f"master.{i}": m for i, m in enumerate(master)} if master is not None else {}
-    state = {"config": run_config, "scaler": scaler.state_dict() if scaler is not None else None,
-             "scaler_kind": type(scaler).__name__ if scaler is not None else None,
-             "schedule": _plain_schedule(schedule)}
-    ckpt.save(directory, step, model, optimizer, extra, state, keep_last)
-
-
-def _plain_schedule(schedule) -> dict | None:
-    if schedule is None:
-        return None
-    state = schedule.state_dict()
-    try:
-        json.dumps(state)
-    except TypeError as error:
-        raise ValueError(f"the LR schedule's state is not JSON-serializable ({error}); use a schedule built from "
-                         "numbers (LambdaLR lambdas are not stored, only their counters)") from None
-    return state
-
-
-def _restore(state, tensors, model, master, optimizer, schedule, scaler) -> int:
-    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    if master is not None:
-        with torch.no_grad():
-            for i, m in enumerate(master):
-                m.copy_(tensors[f"master.{i}"])
-    optimizer.load_state_dict(ckpt._unflatten_optimizer(tensors, state["optimizer"]))
-    if schedule is not None and state.get("schedule") is not None:
-        schedule.load_state_dict(state["schedule"])
-    if scaler is not None and state.get("scaler") is not None:
-        scaler.load_state_dict(state["scaler"])
-    ckpt.restore_rng(state, tensors)
-    return int(state["step"])
-
-
-def _mllogger(path, run_config):
-    try:
-        from mlperf_logging import mllog
-        from mlperf_logging.mllog import constants
-    except ImportError as error:
-        raise ValueError("mllog_path needs the mlperf-logging package: pip install mlperf-logging") from error
-    mllog.config(filename=str(path))
-    logger = mllog.get_mllogger()
-    logger.event(key=constants.SUBMISSION_BENCHMARK, value="fewbit")
-    logger.event(key="fewbit_precision", value=run_config.get("precision"))
-    logger.start(key=constants.RUN_START)
-    return logger
-
-
-def _mllog_eval(logger, step: int, metrics: dict) -> None:
-    from mlperf_logging.mllog import constants
-
-    for name, value in metrics.items():
-        if math.isfinite(value):
-            logger.event(key=constants.EVAL_ACCURACY if name in ("accuracy", "bleu") else f"eval_{name}",
-                         value=value, metadata={"step_num": step})
