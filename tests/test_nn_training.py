@@ -128,6 +128,20 @@ def test_mlp_matches_fp32(recipe, mlp_setup, mlp_fp32):
     assert final <= baseline * (1 + MLP_REL_TOL), f"MLP {recipe}: {final:.4f} vs fp32 {baseline:.4f}"
 
 
+@pytest.mark.parametrize("recipe", ["bf16", "mxfp8", "fp8"])
+def test_training_loop_under_a_recipe_is_the_hand_written_loop(recipe, mlp_setup):
+    """``fewbit.train.train(precision=recipe)`` quantizes the layers as ``quantize_`` does and takes the same steps:
+    the losses of the first steps equal this file's plain loop bit for bit."""
+    from fewbit.train import train
+
+    model, batches = mlp_setup
+    steps = 10
+    expected = _train(model, recipe, batches[:steps], F.cross_entropy, MLP_LR)
+    result = train(copy.deepcopy(model), lambda p: torch.optim.Adam(p, lr=MLP_LR), lambda step, micro: batches[step],
+                   lambda m, b: F.cross_entropy(m(b[0]), b[1]), steps=steps, precision=recipe, progress=False)
+    assert result.losses == expected
+
+
 def test_mlp_mxfp4_learns(mlp_setup, mlp_fp32, record_property):
     """mxfp4 (fp4 weights, fp6 activations, fp8 gradients) is reported, not held to the tolerance. Measured: final
     loss 0.6686 against fp32 0.6583 (+1.6%), from 2.30 at the first step: it learns."""
