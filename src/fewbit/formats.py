@@ -8,7 +8,7 @@ code means. Nothing is typed twice.
 Casts (:func:`cast`) round a float32 / bfloat16 / float16 / float64 tensor onto a format and return a tensor of the
 same dtype that holds exactly the values the format represents. The reference for every cast is ml_dtypes; the
 rules for rounding, overflow, NaN, infinities, -0 and subnormals are in the README's "Numerics" section and in
-:class:`~fewbit.kernels.cast.Rounding` and :class:`~fewbit.kernels.cast.Overflow`.
+:class:`~fewbit.choices.Rounding` and :class:`~fewbit.choices.Overflow`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fewbit.choices import Overflow, Rounding, parse_choice
 from fewbit.kernels import cast as _kernel
-from fewbit.kernels.cast import Overflow, Rounding
 
 __all__ = [
     "Format",
@@ -205,30 +205,43 @@ class Format:
 
     # ---- kernel parameters ----------------------------------------------------------------------------------
     @functools.cache  # noqa: B019 - formats are immutable singletons
-    def kernel_params(self, src: _kernel.SourceLayout) -> torch.Tensor:
-        """The parameter vector that :func:`fewbit.kernels.cast.round_bits` reads, for source layout ``src``."""
+    def element_params(self, *, symmetric: bool = False) -> _kernel.ElementParams:
+        """The grid :func:`fewbit.kernels.cast.round_bits` rounds onto for this format, as a named record.
+
+        ``symmetric``: the negative limit is ``-max`` (narrow-range integers: int8 saturates at -127, not -128;
+        floats are symmetric already).
+        """
         if self.is_int:
             # A signed n-bit integer rounds like a float with (n - 2) mantissa bits whose normal range starts at
             # 2^(n-2): the quantum is 1 everywhere below 2^(n-1), and 2^(n-1) itself is on the grid.
-            m = emin = self.mbits - 1
+            mbits = emin = self.mbits - 1
         else:
-            m, emin = self.mbits, self.emin
-        params = [0] * _kernel.N_PARAMS
-        params[_kernel.P_M] = m
-        params[_kernel.P_C] = emin + src.bias + src.mbits - m
-        params[_kernel.P_MINSUB] = src.bits_of(self.min_subnormal)
-        params[_kernel.P_MAXPOS] = src.bits_of(self.max)
-        params[_kernel.P_MAXNEG] = src.bits_of(-self.min) if self.signed else 0
-        params[_kernel.P_OVER_VALUE] = src.inf_bits if self.inf else src.qnan_bits if self.has_nan else -1
-        flags = 0
-        if not self.is_int and self.signed:
-            flags |= _kernel.F_SIGNED_ZERO
-        if not self.has_zero:
-            flags |= _kernel.F_NO_ZERO
-        if not self.signed and not self.is_int:
-            flags |= _kernel.F_UNSIGNED_NAN
-        params[_kernel.P_FLAGS] = flags
-        return torch.tensor(params, dtype=src.int_dtype)
+            mbits, emin = self.mbits, self.emin
+        max_negative = (self.max if symmetric else -self.min) if self.signed else 0.0
+        return _kernel.ElementParams(
+            mbits=mbits, emin=emin, min_subnormal=self.min_subnormal, max_positive=self.max,
+            max_negative=max_negative, has_inf=self.inf, has_nan=self.has_nan,
+            signed_zero=self.signed and not self.is_int, has_zero=self.has_zero,
+            unsigned_nan=not self.signed and not self.is_int,
+        )
+
+    def kernel_params(self, src: _kernel.SourceLayout) -> torch.Tensor:
+        """The parameter vector that :func:`fewbit.kernels.cast.round_bits` reads, for source layout ``src``
+        (:meth:`element_params` laid out as a tensor; shared, do not modify it in place)."""
+        return self.element_params().as_tensor(src)
+
+    @functools.cache  # noqa: B019 - formats are immutable singletons
+    def encoding_params(self) -> _kernel.EncodingParams:
+        """What :func:`fewbit.kernels.cast.encode_rounded` needs to turn this format's values into its codes."""
+        top = ((1 << self.ebits) - 1) << self.mbits
+        nan_code = {NanEncoding.IEEE: top | (1 << max(self.mbits - 1, 0)),
+                    NanEncoding.TOP_CODE: (1 << (self.ebits + self.mbits)) - 1, NanEncoding.NONE: 0}[self.nan]
+        return _kernel.EncodingParams(
+            mbits=self.mbits, bias=self.bias,
+            subnormal_scale=2 ** (self.mbits - self.emin) if self.subnormals and not self.is_int else 0,
+            magnitude_bits=self.mbits if self.is_int else self.ebits + self.mbits,
+            nan_code=nan_code, inf_code=top, is_int=self.is_int, signed=self.signed,
+        )
 
     def __str__(self) -> str:
         return self.name
@@ -305,15 +318,6 @@ def _check_input(x: torch.Tensor, what: str) -> None:
                         "convert with x.float() first")
 
 
-def parse_choice(kind: type[enum.Enum], value, what: str):
-    """``kind(value)``, or a ValueError naming the bad value and every valid one."""
-    try:
-        return kind(value)
-    except ValueError:
-        valid = ", ".join(m.value for m in kind)
-        raise ValueError(f"unknown {what} {value!r}; valid: {valid}") from None
-
-
 def cast(
     x: torch.Tensor,
     fmt: str | Format,
@@ -376,18 +380,6 @@ def cast(
 _encode_fast = _kernel.fast(_kernel.encode_rounded)
 
 
-@functools.cache
-def encode_params(fmt: Format) -> torch.Tensor:
-    """The parameter vector :func:`fewbit.kernels.cast.encode_rounded` reads for ``fmt``."""
-    magnitude_bits = fmt.ebits + fmt.mbits
-    top = ((1 << fmt.ebits) - 1) << fmt.mbits
-    nan_code = {NanEncoding.IEEE: top | (1 << max(fmt.mbits - 1, 0)),
-                NanEncoding.TOP_CODE: (1 << magnitude_bits) - 1, NanEncoding.NONE: 0}[fmt.nan]
-    sub_scale = 2 ** (fmt.mbits - fmt.emin) if fmt.subnormals and not fmt.is_int else 0
-    return torch.tensor([fmt.mbits, fmt.bias, sub_scale, magnitude_bits if not fmt.is_int else fmt.mbits,
-                         nan_code, top, int(fmt.is_int), int(fmt.signed)], dtype=torch.int32)
-
-
 def encode(
     x: torch.Tensor,
     fmt: str | Format,
@@ -415,7 +407,7 @@ def encode(
                              "remove them or choose a format with NaN (fp8_e4m3, fp8_e5m2)")
     if rounded.numel() == 0:
         return torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-    return _encode_fast(rounded.contiguous(), encode_params(fmt).to(x.device))
+    return _encode_fast(rounded.contiguous(), fmt.encoding_params().as_tensor().to(x.device))
 
 
 def decode(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:

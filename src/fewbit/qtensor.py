@@ -23,21 +23,12 @@ from pathlib import Path
 import torch
 
 from fewbit import atomic, formats
-from fewbit.formats import Format, Overflow, Rounding
+from fewbit.choices import Overflow, Rounding, parse_choice
+from fewbit.formats import Format
 from fewbit.kernels import cast as cast_kernel
 from fewbit.kernels import quantize as quantize_kernel
-from fewbit.scaling import (
-    AmaxHistory,
-    Block,
-    GroupLayout,
-    PerAxis,
-    PerGroup,
-    PerTensor,
-    Scaling,
-    amax_scale,
-    e8m0_to_float,
-    layout,
-)
+from fewbit.kernels.e8m0 import e8m0_to_float
+from fewbit.scaling import AmaxHistory, Block, GroupLayout, PerAxis, PerGroup, PerTensor, Scaling, amax_scale, layout
 
 __all__ = ["QTensor", "QuantSpec", "fake_quantize", "get_spec", "load", "quantize", "spec_names"]
 
@@ -60,8 +51,8 @@ class QuantSpec:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "format", formats.get(self.format))
-        object.__setattr__(self, "rounding", formats.parse_choice(Rounding, self.rounding, "rounding"))
-        object.__setattr__(self, "overflow", formats.parse_choice(Overflow, self.overflow, "overflow"))
+        object.__setattr__(self, "rounding", parse_choice(Rounding, self.rounding, "rounding"))
+        object.__setattr__(self, "overflow", parse_choice(Overflow, self.overflow, "overflow"))
         fmt = self.format
         if not isinstance(self.scaling, PerTensor | PerAxis | PerGroup | Block):
             raise TypeError(f"scaling must be PerTensor, PerAxis, PerGroup or Block, got {self.scaling!r}")
@@ -88,6 +79,12 @@ class QuantSpec:
     def element_max(self) -> float:
         """Largest element magnitude the scale maps amax onto (symmetric integers: 2^(b-1) - 1)."""
         return self.format.max
+
+    @property
+    def element_params(self) -> cast_kernel.ElementParams:
+        """The element grid the kernels round onto: the format's, with the negative limit at ``-max`` when
+        ``symmetric`` (integers: -127 for int8, not -128)."""
+        return self.format.element_params(symmetric=self.symmetric)
 
     @property
     def emax(self) -> int:
@@ -255,14 +252,6 @@ def load(path: str | os.PathLike) -> QTensor:
 # ---- quantize -------------------------------------------------------------------------------------------------
 
 
-def _element_params(spec: QuantSpec) -> torch.Tensor:
-    params = spec.format.kernel_params(cast_kernel.FLOAT32)
-    if spec.format.is_int and spec.symmetric:  # narrow range: the negative limit equals the positive one
-        params = params.clone()
-        params[cast_kernel.P_MAXNEG] = params[cast_kernel.P_MAXPOS]
-    return params
-
-
 def _prepare(x: torch.Tensor, spec: str | QuantSpec, overrides: dict, generator, what: str):
     spec = get_spec(spec, **overrides)
     formats._check_input(x, what)
@@ -306,8 +295,8 @@ def quantize(x: torch.Tensor, spec: str | QuantSpec, *, history: AmaxHistory | N
     A blocked axis whose length is not a multiple of the block size is zero-padded internally.
     """
     spec, lay, xg, random_bits = _prepare(x, spec, overrides, generator, "quantize")
-    elem_params = _element_params(spec).to(x.device)
-    enc_params = formats.encode_params(spec.format).to(x.device)
+    elem_params = spec.element_params.as_tensor(cast_kernel.FLOAT32).to(x.device)
+    enc_params = spec.format.encoding_params().as_tensor().to(x.device)
     if spec.is_mx:
         codes, scale = _mx_kernel(spec, fake=False)(xg, elem_params, enc_params, random_bits)
     else:
@@ -326,7 +315,7 @@ def fake_quantize(x: torch.Tensor, spec: str | QuantSpec, *, history: AmaxHistor
     """``quantize(x, spec).dequantize()`` in one fused pass, in ``x``'s dtype. NaN stays NaN (MX: the NaN
     scale makes the whole block NaN)."""
     spec, lay, xg, random_bits = _prepare(x, spec, overrides, generator, "fake_quantize")
-    elem_params = _element_params(spec).to(x.device)
+    elem_params = spec.element_params.as_tensor(cast_kernel.FLOAT32).to(x.device)
     if spec.is_mx:
         out = _mx_kernel(spec, fake=True)(xg, elem_params, random_bits)
     else:

@@ -13,8 +13,9 @@ PerGroup(a,g)  runs of ``g`` consecutive elements along ``a``   ``amax / fmt_max
 Block(a,k)     runs of ``k`` (32) elements along ``a`` (MX)     a power of two, stored as E8M0 codes
 =============  ===============================================  ====================================
 
-MX scale modes (``Block.scale_mode``), with ``emax`` the exponent of the element format's largest power of two
-(fp8_e4m3 8, fp8_e5m2 15, fp6_e3m2 4, fp6_e2m3 2, fp4_e2m1 2, MX int8 0):
+MX scale modes (``Block.scale_mode``; the bit arithmetic is in :mod:`fewbit.kernels.e8m0`), with ``emax`` the
+exponent of the element format's largest power of two (fp8_e4m3 8, fp8_e5m2 15, fp6_e3m2 4, fp6_e2m3 2, fp4_e2m1 2,
+MX int8 0):
 
 - ``floor`` (OCP MX v1.0 and the MX paper, default): ``X = 2^(floor(log2(amax)) - emax)``. The scaled block max
   lands in ``[2^emax, 2^(emax+1))``, so values above the element's max saturate (fp8_e4m3: 448..512 clip; a block
@@ -35,27 +36,33 @@ blocks of float32 subnormals are handled exactly.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import torch
 
-from fewbit.formats import parse_choice
+from fewbit.choices import AmaxAlgo, ScaleMode, parse_choice
+from fewbit.kernels.e8m0 import E8M0_BIAS, E8M0_NAN, e8m0_reciprocal, e8m0_to_float, mx_scale_codes
 
-E8M0_BIAS = 127
-E8M0_NAN = 255
-
-
-class ScaleMode(str, enum.Enum):
-    FLOOR = "floor"
-    RCEIL = "rceil"
-    CEIL = "ceil"
-    EVEN = "even"
-
-
-class AmaxAlgo(str, enum.Enum):
-    MAX = "max"  # the largest amax in the history window
-    MOST_RECENT = "most_recent"  # the amax of the previous step
+# The choices live in fewbit.choices and the E8M0 bit arithmetic in fewbit.kernels.e8m0; their names are kept here,
+# where the scalings and the MX scale modes are described.
+__all__ = [
+    "E8M0_BIAS",
+    "E8M0_NAN",
+    "AmaxAlgo",
+    "AmaxHistory",
+    "Block",
+    "GroupLayout",
+    "PerAxis",
+    "PerGroup",
+    "PerTensor",
+    "ScaleMode",
+    "Scaling",
+    "amax_scale",
+    "e8m0_reciprocal",
+    "e8m0_to_float",
+    "layout",
+    "mx_scale_codes",
+]
 
 
 @dataclass(frozen=True)
@@ -218,48 +225,7 @@ def layout(shape: tuple[int, ...], scaling: Scaling) -> GroupLayout:
     return GroupLayout(tuple(shape), axis, size, padded, "group")
 
 
-# ---- scale computation on (groups, group_size) rows ----------------------------------------------------------
-
-
-def mx_scale_codes(amax: torch.Tensor, mode: ScaleMode, emax_elem: int, elem_max: float, elem_mbits: int
-                   ) -> torch.Tensor:
-    """E8M0 scale codes (int32, 0..255) for float32 block maxima ``amax``, exactly by the bits (see module doc)."""
-    bits = amax.view(torch.int32)
-    if mode == ScaleMode.RCEIL:
-        descale = amax / elem_max  # float32 division, rounded to nearest even, as the hardware recipe does
-        dbits = descale.view(torch.int32)
-        exp_field = dbits >> 23
-        mantissa = dbits & 0x7FFFFF
-        # ceil(log2(d)) for normal d: e + (mantissa != 0); for subnormal d (exp field 0) it is at most -126,
-        # below the clamp at -127 once d <= 2^-127, and exactly -126 for d in (2^-127, 2^-126).
-        ceil_log2 = torch.where(exp_field > 0, exp_field - 127 + (mantissa != 0).to(torch.int32),
-                                torch.where(mantissa > (1 << 22), -126, -127))
-        ceil_log2 = torch.where(descale == 0, -127, ceil_log2)
-        unbiased = torch.clamp(ceil_log2, -E8M0_BIAS, E8M0_BIAS)  # inf -> exp field 255 -> 128 -> 127
-    else:
-        if mode == ScaleMode.EVEN:  # round amax to the element's mantissa width first (ties away), keep exponent
-            bits = (bits + (1 << (23 - elem_mbits - 1))) & 0x7F800000
-        exp_field = (bits >> 23) & 0xFF
-        log2 = exp_field - 127
-        if mode == ScaleMode.CEIL:
-            log2 = log2 + ((bits & 0x7FFFFF) > 0).to(torch.int32)
-        unbiased = torch.clamp(log2 - emax_elem, -E8M0_BIAS, E8M0_BIAS + 1)  # 128 becomes the NaN code 255
-    codes = unbiased + E8M0_BIAS
-    return torch.where(torch.isnan(amax), E8M0_NAN, codes)
-
-
-def e8m0_to_float(codes: torch.Tensor) -> torch.Tensor:
-    """2^(code - 127) as float32 (2^-127 is a float32 subnormal), NaN for 0xFF."""
-    codes = codes.to(torch.int32)
-    bits = torch.where(codes == 0, 1 << 22, codes << 23)
-    return torch.where(codes == E8M0_NAN, 0x7FC00000, bits).view(torch.float32)
-
-
-def e8m0_reciprocal(codes: torch.Tensor) -> torch.Tensor:
-    """2^(127 - code) as float32 (exact for every code; 2^-127 for code 254; NaN for 0xFF)."""
-    codes = codes.to(torch.int32)
-    bits = torch.where(codes == 254, 1 << 22, (254 - codes) << 23)
-    return torch.where(codes == E8M0_NAN, 0x7FC00000, bits).view(torch.float32)
+# ---- float32 scales and delayed-scaling state -------------------------------------------------------------------
 
 
 def amax_scale(amax: torch.Tensor, fmt_max: float, margin: int = 0, power_of_two: bool = False) -> torch.Tensor:

@@ -21,41 +21,16 @@ Overflow and specials are decided on the magnitude afterwards; the sign is put b
 
 from __future__ import annotations
 
-import enum
 import functools
 import os
 import types
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
-
-class Rounding(str, enum.Enum):
-    """How a value between two neighbouring codes is rounded.
-
-    ``nearest_even``: to the nearer code, ties to the code with an even significand (IEEE 754 default).
-    ``nearest_away``: to the nearer code, ties away from zero.
-    ``toward_zero``: to the code of largest magnitude not above ``|x|`` (truncation).
-    ``stochastic``: up with probability equal to the distance from the lower code over the gap (unbiased).
-    """
-
-    NEAREST_EVEN = "nearest_even"
-    NEAREST_AWAY = "nearest_away"
-    TOWARD_ZERO = "toward_zero"
-    STOCHASTIC = "stochastic"
-
-
-class Overflow(str, enum.Enum):
-    """What a value beyond the format's largest finite magnitude becomes.
-
-    ``saturate``: the largest finite value of the same sign (also for +-inf inputs).
-    ``nonfinite``: +-inf where the format has infinities, else NaN where it has NaN, else saturate.
-    """
-
-    SATURATE = "saturate"
-    NONFINITE = "nonfinite"
+from fewbit.choices import Overflow, Rounding  # the choices live on the ground floor; named here for callers
 
 
 @dataclass(frozen=True)
@@ -88,14 +63,77 @@ FLOAT32 = SourceLayout(torch.float32, torch.int32, mbits=23, bias=127)
 FLOAT64 = SourceLayout(torch.float64, torch.int64, mbits=52, bias=1023)
 SOURCES = {torch.float32: FLOAT32, torch.float64: FLOAT64}
 
-# Positions in the parameter vector handed to the kernel. Format facts travel as a tensor, not as Python
-# constants, so one compiled kernel serves every format (no recompilation per format).
+# Positions in the parameter vector handed to the kernel (laid out by ElementParams.as_tensor, read by round_bits).
+# Format facts travel as a tensor, not as Python constants, so one compiled kernel serves every format (no
+# recompilation per format).
 P_M, P_C, P_MINSUB, P_MAXPOS, P_MAXNEG, P_OVER_VALUE, P_FLAGS = range(7)
 N_PARAMS = 7
 # Flags (bit positions in P_FLAGS).
 F_SIGNED_ZERO = 1  # -0 exists; when absent a zero result gets a + sign
 F_NO_ZERO = 2  # no zero at all (e8m0): tiny values go to the smallest value, 0 and negatives to NaN
 F_UNSIGNED_NAN = 4  # zero and negative inputs become NaN (e8m0)
+
+
+@dataclass(frozen=True)
+class ElementParams:
+    """Everything :func:`round_bits` needs to know about the grid it rounds onto, by name.
+
+    ``fewbit.formats.Format.element_params`` builds it from a format (the kernels know no formats);
+    :meth:`as_tensor` lays it out as the integer vector the compiled kernels read. Values are plain floats,
+    each exactly representable in the source dtype.
+    """
+
+    mbits: int  # mantissa bits of the grid (a signed n-bit integer rounds like a float with n - 2 of them)
+    emin: int  # exponent of the grid's smallest normal value: below it the quantum stays 2^(emin - mbits)
+    min_subnormal: float  # smallest positive value; smaller magnitudes round to 0 or to it
+    max_positive: float  # largest finite value
+    max_negative: float  # magnitude of the most negative finite value (0: no negative values)
+    has_inf: bool  # nonfinite overflow gives +-inf ...
+    has_nan: bool  # ... else NaN, else it saturates
+    signed_zero: bool  # -0 exists; else a zero result is +0
+    has_zero: bool  # False (e8m0): tiny values go to min_subnormal
+    unsigned_nan: bool  # zero and negative inputs are NaN (e8m0: no sign, no zero)
+
+    @functools.cache  # noqa: B019 - records are immutable and few (one per format and range)
+    def as_tensor(self, src: SourceLayout) -> torch.Tensor:
+        """The parameter vector (``src.int_dtype``, length ``N_PARAMS``) for values computed in ``src``.
+
+        Shared, cached: do not modify it in place.
+        """
+        params = [0] * N_PARAMS
+        params[P_M] = self.mbits
+        # shift = max(src.mbits - m, C - max(E, 1)), see the module docstring.
+        params[P_C] = self.emin + src.bias + src.mbits - self.mbits
+        params[P_MINSUB] = src.bits_of(self.min_subnormal)
+        params[P_MAXPOS] = src.bits_of(self.max_positive)
+        params[P_MAXNEG] = src.bits_of(self.max_negative)
+        params[P_OVER_VALUE] = src.inf_bits if self.has_inf else src.qnan_bits if self.has_nan else -1
+        params[P_FLAGS] = ((F_SIGNED_ZERO if self.signed_zero else 0) | (0 if self.has_zero else F_NO_ZERO)
+                           | (F_UNSIGNED_NAN if self.unsigned_nan else 0))
+        return torch.tensor(params, dtype=src.int_dtype)
+
+
+@dataclass(frozen=True)
+class EncodingParams:
+    """Everything :func:`encode_rounded` needs to turn values already on a format's grid into codes, by name.
+
+    Built by ``fewbit.formats.Format.encoding_params``; :meth:`as_tensor` lays it out (int32, in field order) for
+    the compiled kernel.
+    """
+
+    mbits: int  # mantissa bits kept (integers: magnitude bits)
+    bias: int  # exponent bias of the format
+    subnormal_scale: int  # 2^(mbits - emin): a subnormal value times this is its code; 0 without subnormals
+    magnitude_bits: int  # bits below the sign bit (floats: ebits + mbits; integers: mbits)
+    nan_code: int  # the canonical NaN code (0 where there is none)
+    inf_code: int  # the code with an all-ones exponent field and zero mantissa (+inf where the format has it)
+    is_int: bool  # two's complement integer codes instead of sign | exponent | mantissa
+    signed: bool
+
+    @functools.cache  # noqa: B019 - records are immutable and few (one per format)
+    def as_tensor(self) -> torch.Tensor:
+        """The parameter vector (int32) :func:`encode_rounded` reads. Shared, cached: do not modify it in place."""
+        return torch.tensor([int(getattr(self, f.name)) for f in fields(self)], dtype=torch.int32)
 
 
 def round_bits(
@@ -106,7 +144,8 @@ def round_bits(
     overflow: Overflow,
     random_bits: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Round float bit patterns ``bits`` (viewed as ``src.int_dtype``) onto the format described by ``params``.
+    """Round float bit patterns ``bits`` (viewed as ``src.int_dtype``) onto the format described by ``params``
+    (:meth:`ElementParams.as_tensor` for ``src``).
 
     Returns the bit patterns, in the same source layout, of the rounded values. ``random_bits`` (stochastic
     rounding only) holds independent uniform integers in ``[0, 2^src.mbits)``, one per element. This is the
@@ -174,9 +213,10 @@ def round_bits(
 
 
 def encode_rounded(values: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-    """Codes (uint8) of float32 values already on a format's grid; ``params`` from ``formats.encode_params``."""
+    """Codes (uint8) of float32 values already on a format's grid; ``params`` from :meth:`EncodingParams.as_tensor`."""
     bits = values.view(torch.int32)
     magnitude = bits & 0x7FFFFFFF
+    # In EncodingParams' field order.
     m, bias, sub_scale, magnitude_bits, nan_code, inf_code, is_int, signed = (params[i] for i in range(8))
     # Normal values: drop the mantissa bits the format lacks and re-bias the exponent field.
     normal = (magnitude >> (23 - m)) - ((127 - bias) << m)

@@ -12,24 +12,9 @@ from collections.abc import Callable
 
 import torch
 
-from fewbit.kernels.cast import (
-    FLOAT32,
-    Overflow,
-    Rounding,
-    encode_rounded,
-    fast,
-    round_bits,
-    specialise,
-)
-from fewbit.scaling import ScaleMode, e8m0_reciprocal, e8m0_to_float, mx_scale_codes
-
-
-def mx_block_codes(xg: torch.Tensor, *, mode: ScaleMode, emax: int, elem_max: float, elem_mbits: int
-                   ) -> torch.Tensor:
-    """E8M0 scale codes (int32, one per row) of float32 rows: the row amax taken from the bit patterns
-    (non-negative floats order like their patterns; NaN patterns are the largest, so NaN propagates)."""
-    amax_bits = (xg.view(torch.int32) & 0x7FFFFFFF).amax(dim=1, keepdim=True)
-    return mx_scale_codes(amax_bits.view(torch.float32), mode, emax, elem_max, elem_mbits)
+from fewbit.choices import Overflow, Rounding, ScaleMode
+from fewbit.kernels.cast import FLOAT32, encode_rounded, fast, round_bits, specialise
+from fewbit.kernels.e8m0 import e8m0_reciprocal, e8m0_to_float, mx_block_codes
 
 
 def mx_elements(xg: torch.Tensor, codes: torch.Tensor, elem_params: torch.Tensor, random_bits: torch.Tensor | None,
