@@ -107,3 +107,16 @@ def slow_cast(x: np.ndarray, values: np.ndarray, rounding: str, overflow: str, *
         out = np.where(out == 0, 0.0, out)
     del ax
     return out
+
+
+def per_tensor_fake_quantize(x: torch.Tensor, name: str, amax: float) -> torch.Tensor:
+    """x (float32) fake-quantized onto ``name`` with one scale ``amax / max`` (float32), saturating, by ml_dtypes.
+
+    The scaled values are clipped to +-max (the largest finite value ml_dtypes gives the format) and rounded to
+    nearest even by ml_dtypes, then multiplied back by the scale: per-tensor scaling written from its definition,
+    for any amax (the current tensor's, or a delayed history's).
+    """
+    fmt_max = float(ml_dtypes.finfo(ML_DTYPES[name]).max)
+    scale = torch.tensor(amax, dtype=torch.float32) / torch.tensor(fmt_max, dtype=torch.float32)
+    scaled = torch.clamp(x.detach().float() / scale, -fmt_max, fmt_max)
+    return ml_dtypes_cast(scaled, name) * scale

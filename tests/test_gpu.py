@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fewbit
-from fewbit.nn.functional import scaled_mm_available
+from fewbit.kernels.fp8_gemm import fp8_gemm, fp8_gemm_available, fp8_gemm_reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -34,21 +34,60 @@ def test_cuda_fake_quantize_matches_cpu(name):
     assert torch.equal(cpu.view(torch.int32), gpu.view(torch.int32))
 
 
-def test_scaled_mm_forward_matches_emulation():
-    layer = fewbit.QLinear(1024, 512, recipe="fp8_current").cuda()
-    x = torch.randn(256, 1024, device="cuda")
-    if not scaled_mm_available(x, layer.recipe):
-        pytest.skip("no FP8 tensor cores (sm89+ needed)")
-    real = layer(x)
+def emulated(fn):
+    """``fn()`` with real FP8 GEMMs turned off (FEWBIT_SCALED_MM=0): the emulation."""
     import os
 
     os.environ["FEWBIT_SCALED_MM"] = "0"
     try:
-        emulated = layer(x)
+        return fn()
     finally:
         del os.environ["FEWBIT_SCALED_MM"]
+
+
+@pytest.mark.parametrize(("a_format", "b_format"), [("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e4m3")])
+def test_fp8_gemm_matches_its_reference(a_format, b_format):
+    if not fp8_gemm_available("cuda"):
+        pytest.skip("no FP8 tensor cores (sm89+ needed)")
+    a = fewbit.quantize(torch.randn(256, 1024, device="cuda"), fewbit.QuantSpec(a_format))
+    b = fewbit.quantize(torch.randn(512, 1024, device="cuda"), fewbit.QuantSpec(b_format))
+    bias = torch.randn(512, device="cuda")
+    args = (a.qdata, a.scale, a_format, b.qdata, b.scale, b_format, bias)
     # Same FP8 codes and scales; only the accumulation order differs.
-    torch.testing.assert_close(real, emulated, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(fp8_gemm(*args), fp8_gemm_reference(*args), rtol=1e-4, atol=1e-3)
+
+
+def test_scaled_mm_forward_matches_emulation():
+    layer = fewbit.QLinear(1024, 512, recipe="fp8_current").cuda()
+    x = torch.randn(256, 1024, device="cuda")
+    if not fp8_gemm_available(x.device):
+        pytest.skip("no FP8 tensor cores (sm89+ needed)")
+    real = layer(x)
+    emulated_y = emulated(lambda: layer(x))
+    # Same FP8 codes and scales; only the accumulation order differs.
+    torch.testing.assert_close(real, emulated_y, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("recipe", ["fp8_current", "fp8"])
+def test_scaled_mm_backward_equals_emulated_backward(recipe):
+    """The real path's backward reuses the forward operands as the emulation does (delayed scaling included)."""
+    if not fp8_gemm_available("cuda"):
+        pytest.skip("no FP8 tensor cores (sm89+ needed)")
+    x = torch.randn(256, 1024, device="cuda")
+    dy = torch.randn(256, 512, device="cuda")
+
+    def grads():
+        torch.manual_seed(0)
+        layer = fewbit.QLinear(1024, 512, recipe=recipe).cuda()
+        for _ in range(2):  # two steps, so that delayed scaling reads its history
+            layer.weight.grad = None
+            xi = x.clone().requires_grad_()
+            layer(xi).backward(dy)
+        return xi.grad, layer.weight.grad
+
+    real, emulation = grads(), emulated(grads)
+    for r, e in zip(real, emulation, strict=True):
+        assert torch.equal(r, e)
 
 
 @pytest.mark.parametrize("workload", ["translate", "lm"])

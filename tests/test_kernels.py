@@ -45,3 +45,71 @@ def test_compile_can_be_disabled(monkeypatch):
     assert not kernel.compile_enabled()
     x = torch.randn(100)
     assert torch.equal(fewbit.cast(x, "fp4_e2m1"), fewbit.formats.decode(fewbit.encode(x, "fp4_e2m1"), "fp4_e2m1"))
+
+
+# ---- E8M0 scale arithmetic ------------------------------------------------------------------------------------
+
+
+def test_e8m0_codes_decode_as_the_format_defines_them():
+    from fewbit.kernels.e8m0 import e8m0_reciprocal, e8m0_to_float
+
+    codes = torch.arange(256, dtype=torch.int32)
+    expected = fewbit.formats.get("e8m0").values  # from Format.value_of_code, the definition
+    values = e8m0_to_float(codes)
+    assert torch.equal(torch.isnan(values), torch.isnan(expected))
+    finite = ~torch.isnan(expected)
+    assert torch.equal(values[finite].view(torch.int32), expected[finite].view(torch.int32))
+    # 2^(127 - c) * 2^(c - 127) == 1 exactly for every finite code (both factors are float32 values, 2^-127 too).
+    assert torch.equal(e8m0_reciprocal(codes)[finite] * values[finite], torch.ones(255))
+    assert torch.isnan(e8m0_reciprocal(codes)[255])
+
+
+# ---- the kernel-parameter records -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+def test_symmetric_integer_params_saturate_at_minus_max(name):
+    fmt = fewbit.formats.get(name)
+    narrow = fmt.element_params(symmetric=True).as_tensor(kernel.FLOAT32)
+    full = fmt.kernel_params(kernel.FLOAT32)
+    assert narrow[kernel.P_MAXNEG] == narrow[kernel.P_MAXPOS] == full[kernel.P_MAXPOS]
+    assert full[kernel.P_MAXNEG] == kernel.FLOAT32.bits_of(-fmt.min)  # -128 for int8
+    x = torch.tensor([-1000.0, -fmt.max - 0.75, 1000.0])
+    out = kernel.round_bits(x.view(torch.int32), narrow, kernel.Rounding.NEAREST_EVEN, kernel.FLOAT32,
+                            kernel.Overflow.SATURATE).view(torch.float32)
+    assert out.tolist() == [-fmt.max, -fmt.max, fmt.max]
+
+
+# ---- the real FP8 GEMM's reference ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("formats_ab", [("fp8_e4m3", "fp8_e4m3"), ("fp8_e5m2", "fp8_e4m3")])
+def test_fp8_gemm_reference_equals_the_emulated_gemm(formats_ab):
+    """The reference the real FP8 GEMM is held to (tests/test_gpu.py) is the layers' emulation, bit for bit."""
+    import torch.nn.functional as F
+
+    from fewbit.kernels.fp8_gemm import fp8_gemm_reference
+
+    a_format, b_format = formats_ab
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = torch.randn(24, 64, generator=g), torch.randn(32, 64, generator=g), torch.randn(32, generator=g)
+    a, b = fewbit.quantize(x, fewbit.QuantSpec(a_format)), fewbit.quantize(w, fewbit.QuantSpec(b_format))
+    reference = fp8_gemm_reference(a.qdata, a.scale, a_format, b.qdata, b.scale, b_format, bias)
+    emulated = F.linear(fewbit.fake_quantize(x, fewbit.QuantSpec(a_format)),
+                        fewbit.fake_quantize(w, fewbit.QuantSpec(b_format)), bias)
+    assert torch.equal(reference.view(torch.int32), emulated.view(torch.int32))
+
+
+def test_fp8_gemm_eligibility(monkeypatch):
+    from fewbit.kernels import fp8_gemm
+
+    assert not fp8_gemm.fp8_gemm_available("cpu")
+    assert not fp8_gemm.fp8_gemm_eligible("cpu", "fp8_e4m3", "fp8_e4m3", 64, 64)
+    monkeypatch.setattr(fp8_gemm, "fp8_gemm_available", lambda device: True)
+    assert fp8_gemm.fp8_gemm_eligible("cuda", "fp8_e4m3", "fp8_e5m2", 64, 32)
+    assert not fp8_gemm.fp8_gemm_eligible("cuda", "fp8_e4m3", "int8", 64, 32)  # both operands must be FP8
+    assert not fp8_gemm.fp8_gemm_eligible("cuda", "fp8_e4m3", "fp8_e4m3", 40, 32)  # K not a multiple of 16
+    assert not fp8_gemm.fp8_gemm_eligible("cuda", "fp8_e4m3", "fp8_e4m3", 64, 24)  # N not a multiple of 16
+    monkeypatch.undo()
+    monkeypatch.setenv("FEWBIT_SCALED_MM", "0")
+    assert not fp8_gemm.fp8_gemm_enabled()

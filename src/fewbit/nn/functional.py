@@ -17,7 +17,11 @@ amax, or delayed per-tensor scaling, where values above the history's amax clip)
 that range (clipped STE).
 For convolutions the forward blocks run along the input channels (activations: axis 1; weights: the flattened
 C_in/groups * kh * kw of each output channel, the im2col reduction), dX along the output channels and dW along the
-batch.
+batch. Every layer follows the same rules: dY is quantized with the module's ``grad_output`` history (delayed
+scaling), and per-tensor forward operands are reused by the backward GEMMs.
+
+On CUDA with FP8 tensor cores a linear layer's forward GEMM with per-tensor FP8 operands runs as a real FP8 GEMM
+(:mod:`fewbit.kernels.fp8_gemm`) on the same codes and scales as the emulation.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from fewbit.formats import cast
-from fewbit.qtensor import QuantSpec, fake_quantize
+from fewbit.kernels.fp8_gemm import fp8_gemm, fp8_gemm_eligible
+from fewbit.qtensor import QuantSpec, fake_quantize, quantize
 from fewbit.recipes import Recipe
 from fewbit.scaling import AmaxHistory, Block, PerGroup, PerTensor
 
@@ -88,34 +93,14 @@ class _State:
         return self.histories.get(role)
 
 
-def scaled_mm_available(x: torch.Tensor, recipe: Recipe) -> bool:
-    """Whether the forward GEMM can run as a real FP8 GEMM (``torch._scaled_mm``): CUDA sm89+, per-tensor
-    fp8_e4m3 (or e5m2) scaling of both operands. Disable with ``FEWBIT_SCALED_MM=0``."""
-    import os
-
-    if not x.is_cuda or os.environ.get("FEWBIT_SCALED_MM", "1") == "0" or not hasattr(torch, "_scaled_mm"):
-        return False
+def _fp8_gemm_fits(x2: torch.Tensor, weight: torch.Tensor, recipe: Recipe) -> bool:
+    """Whether ``x2 (T, K) @ weight (N, K)^T`` can run as a real FP8 GEMM: both forward operands per-tensor
+    scaled (one scale each, as ``torch._scaled_mm`` takes) and :func:`~fewbit.kernels.fp8_gemm.fp8_gemm_eligible`."""
     specs = (recipe.input, recipe.weight)
-    if any(s is None or not isinstance(s.scaling, PerTensor) or s.format.name not in _FP8_DTYPES for s in specs):
+    if any(s is None or not isinstance(s.scaling, PerTensor) for s in specs):
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
-
-
-_FP8_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-
-
-def scaled_mm_linear(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, recipe: Recipe,
-                     state: _State) -> torch.Tensor:
-    """The forward GEMM on FP8 tensor cores: the same codes and scales as the emulation (its reference), the
-    products accumulated by the hardware in float32."""
-    from fewbit.qtensor import quantize
-
-    xq = quantize(x2, recipe.input, history=state.history("input"))
-    wq = quantize(weight, recipe.weight, history=state.history("weight"))
-    a = xq.qdata.view(_FP8_DTYPES[recipe.input.format.name])
-    b = wq.qdata.view(_FP8_DTYPES[recipe.weight.format.name]).t()  # column-major (K, N), as _scaled_mm wants
-    return torch._scaled_mm(a, b, scale_a=xq.scale.float().reshape(()), scale_b=wq.scale.float().reshape(()),
-                            bias=bias, out_dtype=torch.float32)
+    return fp8_gemm_eligible(x2.device, recipe.input.format.name, recipe.weight.format.name, x2.shape[-1],
+                             weight.shape[0])
 
 
 class QLinearFunction(torch.autograd.Function):
@@ -123,18 +108,19 @@ class QLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, recipe: Recipe, state: _State, weight_q: torch.Tensor | None):
         x2 = x.reshape(-1, x.shape[-1])
         in_mask = _clip_mask(x2, recipe.input, state.history("input"))
-        if weight_q is None and scaled_mm_available(x2, recipe) and x2.shape[-1] % 16 == 0 \
-                and weight.shape[0] % 16 == 0:
-            # Real FP8 GEMM; the backward re-quantizes from the saved high-precision tensors as usual.
-            y = scaled_mm_linear(x2, weight, bias, recipe, state)
-            xq = weight_q = None
-            ctx.save_for_backward(x2, weight, xq, weight_q, in_mask)
-            ctx.recipe, ctx.state, ctx.x_shape, ctx.has_bias = recipe, state, x.shape, bias is not None
-            return y.reshape(*x.shape[:-1], weight.shape[0])
-        xq = quantize_operand(x2, recipe.input, -1, recipe, state.history("input"))
-        if weight_q is None:
-            weight_q = quantize_operand(weight, recipe.weight, 1, recipe, state.history("weight"))
-        y = F.linear(xq, weight_q, bias)
+        if weight_q is None and _fp8_gemm_fits(x2, weight, recipe):
+            # Real FP8 GEMM on the codes. The backward reuses the dequantized operands, equal bit for bit to the
+            # emulation's fake-quantized ones, so both paths compute the same gradients.
+            xq_codes = quantize(x2, recipe.input, history=state.history("input"))
+            wq_codes = quantize(weight, recipe.weight, history=state.history("weight"))
+            y = fp8_gemm(xq_codes.qdata, xq_codes.scale, recipe.input.format.name, wq_codes.qdata, wq_codes.scale,
+                         recipe.weight.format.name, bias)
+            xq, weight_q = xq_codes.dequantize(), wq_codes.dequantize()
+        else:
+            xq = quantize_operand(x2, recipe.input, -1, recipe, state.history("input"))
+            if weight_q is None:
+                weight_q = quantize_operand(weight, recipe.weight, 1, recipe, state.history("weight"))
+            y = F.linear(xq, weight_q, bias)
         ctx.save_for_backward(x2, weight, xq, weight_q, in_mask)
         ctx.recipe, ctx.state, ctx.x_shape, ctx.has_bias = recipe, state, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -248,30 +234,36 @@ class QConvFunction(torch.autograd.Function):
         if weight_q is None:
             weight_q = quantize_operand(_weight_as_gemm(weight), recipe.weight, 1, recipe,
                                         state.history("weight")).reshape(weight.shape)
-        ctx.save_for_backward(x, weight, in_mask)
-        ctx.recipe, ctx.options = recipe, options
+        # As for a linear layer, a per-tensor operand is reused by the backward GEMM that wants the same spec (for
+        # delayed scaling: quantized with the history's scale, as in the forward); only those are kept.
+        xq_keep = xq if recipe.input_backward == recipe.input and _per_tensor(recipe.input) else None
+        wq_keep = weight_q if recipe.weight_backward == recipe.weight and _per_tensor(recipe.weight) else None
+        ctx.save_for_backward(x, weight, xq_keep, wq_keep, in_mask)
+        ctx.recipe, ctx.state, ctx.options = recipe, state, options
         return conv(xq, weight_q, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, in_mask = ctx.saved_tensors
-        recipe = ctx.recipe
+        x, weight, xq, weight_q, in_mask = ctx.saved_tensors
+        recipe, state = ctx.recipe, ctx.state
         stride, padding, dilation, groups = ctx.options
         grad = torch.nn.grad
         conv_input, conv_weight = (grad.conv1d_input, grad.conv1d_weight) if x.dim() == 3 else \
             (grad.conv2d_input, grad.conv2d_weight)
         g = recipe.grad_output
         dx = dw = db = None
+        # dY once per step with the grad_output history (delayed scaling), whichever gradients are needed, so that
+        # the history advances as a linear layer's does.
+        dyq_c = quantize_operand(dy, g, 1, recipe, state.history("grad_output"))
         if ctx.needs_input_grad[0]:  # reduction over the output channels
-            dyq = quantize_operand(dy, g, 1, recipe)
-            wq = quantize_operand(weight, recipe.weight_backward, 0, recipe)
-            dx = conv_input(x.shape, wq, dyq, stride, padding, dilation, groups)
+            wq = weight_q if weight_q is not None else quantize_operand(weight, recipe.weight_backward, 0, recipe)
+            dx = conv_input(x.shape, wq, dyq_c, stride, padding, dilation, groups)
             if in_mask is not None:
                 dx = dx * in_mask
         if ctx.needs_input_grad[1]:  # reduction over the batch (and positions)
-            dyq = quantize_operand(dy, g, 0, recipe)
-            xq = quantize_operand(x, recipe.input_backward, 0, recipe)
-            dw = conv_weight(xq, weight.shape, dyq, stride, padding, dilation, groups)
+            dyq_b = dyq_c if _per_tensor(g) else quantize_operand(dy, g, 0, recipe)
+            xq = xq if xq is not None else quantize_operand(x, recipe.input_backward, 0, recipe)
+            dw = conv_weight(xq, weight.shape, dyq_b, stride, padding, dilation, groups)
         if ctx.needs_input_grad[2]:
             db = dy.sum(dim=[d for d in range(dy.dim()) if d != 1])
         return dx, dw, db, None, None, None, None
