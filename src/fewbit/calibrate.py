@@ -76,8 +76,7 @@ import torch
 from torch import nn
 
 from fewbit import recipes as _recipes
-from fewbit.nn.convert import _SKIPPED, quantize_
-from fewbit.nn.modules import QMatmul, _Quantized
+from fewbit.nn import QMatmul, mark_skipped, quantize_, quantized_layers, replace_module
 from fewbit.qtensor import QuantSpec, fake_quantize
 from fewbit.recipes import Recipe
 from fewbit.scaling import Block, PerAxis, PerTensor
@@ -275,8 +274,8 @@ _FLOAT = Recipe(name="fp32")
 def _calibratable_layers(model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
     """Layers whose input gets a static amax, and the quantized layers that are not calibrated (with why)."""
     layers, skipped = {}, {}
-    for name, module in model.named_modules():
-        if not isinstance(module, _Quantized) or module.recipe.is_identity:
+    for name, module in quantized_layers(model):
+        if module.recipe.is_identity:
             continue
         spec = module.recipe.input
         if spec is None:
@@ -307,17 +306,17 @@ def _default_forward(model: nn.Module, batch):
 def float_pass(model: nn.Module):
     """Run ``model`` with every quantized layer computing in float, in eval mode, without gradients; restores the
     recipes and the training mode on exit."""
-    saved = {m: m.recipe for m in model.modules() if isinstance(m, _Quantized)}
+    saved = {m: m.recipe for _, m in quantized_layers(model)}
     was_training = model.training
     try:
         for module in saved:
-            module._init_quant(_FLOAT)
+            module.set_recipe(_FLOAT)
         model.eval()
         with torch.no_grad():
             yield model
     finally:
         for module, recipe in saved.items():
-            module._init_quant(recipe)
+            module.set_recipe(recipe)
         model.train(was_training)
 
 
@@ -356,7 +355,7 @@ class Calibration:
         amaxes = self.amax(method)
         for name, amax in amaxes.items():
             module = model.get_submodule(name)
-            module._init_quant(static_input_recipe(module.recipe, amax))
+            module.set_recipe(static_input_recipe(module.recipe, amax))
         self.method = method
         return amaxes
 
@@ -537,7 +536,7 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
     methods = ptq_methods(recipe, methods)
     if not tolerance >= 0:
         raise ValueError(f"tolerance={tolerance}; it must be a relative tolerance >= 0 (0.01 is 1%)")
-    if any(isinstance(m, _Quantized) and not m.recipe.is_identity for m in model.modules()):
+    if any(not m.recipe.is_identity for _, m in quantized_layers(model)):
         raise ValueError("ptq takes a float model; this one already has quantized layers (fewbit.dequantize_ it "
                          "first, or use fewbit.calibrate on it)")
     console = None
@@ -570,15 +569,14 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
     layer_amax = calibration.apply(model, chosen)
     calibrated = metrics[chosen]
 
-    quantized = {name: m.recipe for name, m in model.named_modules()
-                 if isinstance(m, _Quantized) and not m.recipe.is_identity}
+    quantized = {name: m.recipe for name, m in quantized_layers(model) if not m.recipe.is_identity}
     sensitivity: dict[str, float] = {}
     float_layers: list[str] = []
     final = calibrated
     if not within_tolerance(calibrated, float_metric, tolerance, higher_is_better):
         def set_quantized(names: set[str]) -> None:
             for name, layer_recipe in quantized.items():
-                model.get_submodule(name)._init_quant(layer_recipe if name in names else _FLOAT)
+                model.get_submodule(name).set_recipe(layer_recipe if name in names else _FLOAT)
 
         for name in quantized:
             set_quantized({name})
@@ -593,14 +591,12 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
             final = evaluate(f"{k} layer(s) in float", float_layers)
             if within_tolerance(final, float_metric, tolerance, higher_is_better):
                 break
-        skipped = model.__dict__.setdefault(_SKIPPED, {})
         for rank, name in enumerate(float_layers, 1):
             module = model.get_submodule(name)
-            module._init_quant(quantized[name])
+            module.set_recipe(quantized[name])
             if name:
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent) if parent else model, child, module.to_float())
-            skipped[name] = f"left in float by ptq (sensitivity rank {rank})"
+                replace_module(model, name, module.to_float())
+            mark_skipped(model, name, f"left in float by ptq (sensitivity rank {rank})")
     report = PTQReport(
         recipe=recipe.name, float_metric=float_metric, higher_is_better=higher_is_better, tolerance=tolerance,
         calibrator_metrics=metrics, chosen_calibrator=chosen, calibrated_metric=calibrated, final_metric=final,

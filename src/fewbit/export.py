@@ -68,8 +68,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewbit.nn.convert import QHFConv1D
-from fewbit.nn.modules import RECIPE_ONLY, QActivation, QConv1d, QConv2d, QLinear, QMatmul, _Quantized
+from fewbit.nn import (
+    QActivation,
+    QConv1d,
+    QConv2d,
+    QLinear,
+    QMatmul,
+    QuantizedModule,
+    quantized_layers,
+    replace_module,
+)
+from fewbit.nn.modules import RECIPE_ONLY
 from fewbit.qtensor import quantize
 from fewbit.scaling import PerAxis, PerTensor, amax_scale
 
@@ -79,7 +88,7 @@ __all__ = ["export_onnx"]
 ACTIVATION_ZERO_POINT = 128
 
 
-def _check_input(name: str, module: _Quantized) -> None:
+def _check_input(name: str, module: QuantizedModule) -> None:
     x = module.recipe.input
     if x is None or x.format.name != "int8" or not isinstance(x.scaling, PerTensor) or not x.symmetric:
         raise ValueError(f"export_onnx: layer {name!r} has input spec {x}; ONNX export needs symmetric INT8 "
@@ -94,7 +103,7 @@ def _check_input(name: str, module: _Quantized) -> None:
                          "is not supported")
 
 
-def _check_weight(name: str, module: _Quantized) -> None:
+def _check_weight(name: str, module: QuantizedModule) -> None:
     w = module.recipe.weight
     if w is None or w.format.name != "int8" or not isinstance(w.scaling, PerAxis) or not w.symmetric:
         raise ValueError(f"export_onnx: layer {name!r} has weight spec {w}; ONNX export needs symmetric INT8 "
@@ -105,7 +114,7 @@ class _QDQInput(nn.Module):
     """Export view of one static per-tensor input quantizer: ``[Clip(min=-amax)] -> Q -> DQ`` (uint8, zero point
     128: the values of fewbit's symmetric int8)."""
 
-    def __init__(self, module: _Quantized, narrow_range: bool) -> None:
+    def __init__(self, module: QuantizedModule, narrow_range: bool) -> None:
         super().__init__()
         spec = module.recipe.input
         amax = torch.tensor(spec.scaling.amax, dtype=torch.float32)
@@ -124,13 +133,15 @@ class _QDQInput(nn.Module):
 class _QDQLayer(nn.Module):
     """Export view of one INT8 layer: fake-quantize ops that the exporter writes as Q/DQ pairs."""
 
-    def __init__(self, module: _Quantized, narrow_range: bool) -> None:
+    def __init__(self, module: QuantizedModule, narrow_range: bool) -> None:
         super().__init__()
-        weight = module.weight.detach()
         self.kind = "linear" if isinstance(module, QLinear) else ("conv1d" if isinstance(module, QConv1d)
                                                                    else "conv2d")
-        if isinstance(module, QHFConv1D):
-            weight = weight.t()
+        # The float layer's weight: (out, in) for a linear (also for a layer storing it transposed, as GPT-2's
+        # Conv1D does), (out, in / groups, *kernel) for a convolution.
+        weight = module.weight_matrix().detach()
+        if self.kind != "linear":
+            weight = weight.reshape(module.weight.shape)
         self.weight = nn.Parameter(weight.float().contiguous(), requires_grad=False)
         self.bias = None if module.bias is None else nn.Parameter(module.bias.detach().float(), requires_grad=False)
         qweight = quantize(weight.reshape(weight.shape[0], -1).float(), module.recipe.weight.replace(axis=0))
@@ -154,9 +165,7 @@ class _QDQLayer(nn.Module):
 def _export_view(model: nn.Module, narrow_range: bool) -> tuple[nn.Module, dict[str, _QDQLayer]]:
     view = copy.deepcopy(model).eval()
     layers = {}
-    for name, module in list(view.named_modules()):
-        if not isinstance(module, _Quantized):
-            continue
+    for name, module in list(quantized_layers(view)):
         if module.recipe.is_identity:
             replacement = module.to_float() if not isinstance(module, RECIPE_ONLY) else module
         elif isinstance(module, QMatmul):
@@ -174,8 +183,7 @@ def _export_view(model: nn.Module, narrow_range: bool) -> tuple[nn.Module, dict[
             raise ValueError(f"export_onnx: layer {name!r} ({type(module).__name__}) has no ONNX export")
         if not name:
             return replacement, layers
-        parent, _, child = name.rpartition(".")
-        setattr(view.get_submodule(parent) if parent else view, child, replacement)
+        replace_module(view, name, replacement)
     return view, layers
 
 

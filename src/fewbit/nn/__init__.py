@@ -1,8 +1,32 @@
-"""Where models meet formats: quantized autograd functions, modules, and model conversion."""
+"""Where models meet formats: quantized autograd functions, the quantized-module protocol, and model conversion
+(a registry of float layer types, ``quantize_``, ``summary``)."""
 
-from fewbit.nn.convert import dequantize_, quantize_, summary, weight_bytes
+from fewbit.nn.convert import (
+    LayerRow,
+    ModelSummary,
+    conversion_for,
+    dequantize_,
+    mark_skipped,
+    quantize_,
+    register_conversion,
+    replace_module,
+    skipped_layers,
+    summary,
+    weight_bytes,
+)
 from fewbit.nn.fold import fold_batchnorm_
-from fewbit.nn.modules import QActivation, QAdd, QConv1d, QConv2d, QLinear, QMatmul
+from fewbit.nn.modules import (
+    QActivation,
+    QAdd,
+    QConv1d,
+    QConv2d,
+    QLinear,
+    QMatmul,
+    QuantizedModule,
+    quantized_layers,
+)
 
-__all__ = ["QActivation", "QAdd", "QConv1d", "QConv2d", "QLinear", "QMatmul", "dequantize_", "fold_batchnorm_",
-           "quantize_", "summary", "weight_bytes"]
+__all__ = ["LayerRow", "ModelSummary", "QActivation", "QAdd", "QConv1d", "QConv2d", "QLinear", "QMatmul",
+           "QuantizedModule", "conversion_for", "dequantize_", "fold_batchnorm_", "mark_skipped", "quantize_",
+           "quantized_layers", "register_conversion", "replace_module", "skipped_layers", "summary",
+           "weight_bytes"]

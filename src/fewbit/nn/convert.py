@@ -1,84 +1,130 @@
 """``quantize_(model, recipe)``: swap a model's layers for their quantized versions in place; ``summary(model)``.
 
-No global patching: only the modules of the given model change. Per-layer recipes by name pattern (fnmatch) let
-the first and last layers stay in higher precision. Every layer that was not converted is recorded with its
-reason and listed by :func:`summary`.
+No global patching: only the modules of the given model change. Which float layer becomes which quantized layer is
+a registry keyed by the module's exact type (:func:`register_conversion`; torchao's
+``register_quantize_module_handler`` is the model): ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` are registered
+here, transformers' GPT-2 ``Conv1D`` in :mod:`fewbit.nn.hf`, loaded only when a model holds a transformers layer.
+A subclass of a registered type is not converted unless it is registered itself: its ``forward`` may do something
+the quantized layer does not.
+
+Per-layer recipes by name pattern (fnmatch) let the first and last layers stay in higher precision. Every layer that
+was not converted is recorded with its reason (:func:`skipped_layers`) and listed by :func:`summary`, which returns
+a :class:`ModelSummary` record; :mod:`fewbit.report.layers` renders it.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import importlib
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
-import torch
-from rich.console import Console
-from rich.table import Table
 from torch import nn
 
 from fewbit import recipes as _recipes
 from fewbit.nn.functional import current_scaling
-from fewbit.nn.modules import RECIPE_ONLY, QConv1d, QConv2d, QLinear, _Quantized
+from fewbit.nn.modules import RECIPE_ONLY, QConv1d, QConv2d, QLinear, QuantizedModule, quantized_layers
 from fewbit.qtensor import quantize
 from fewbit.recipes import Recipe
 from fewbit.scaling import PerTensor
 
+__all__ = ["ConvertFn", "LayerRow", "ModelSummary", "conversion_for", "dequantize_", "mark_skipped", "quantize_",
+           "register_conversion", "replace_module", "skipped_layers", "summary", "weight_bytes"]
+
+ConvertFn = Callable[[nn.Module, Recipe], nn.Module]
+
+_CONVERSIONS: dict[type[nn.Module], ConvertFn] = {}
+
+# Conversions for optional libraries, registered by importing a fewbit module, keyed by the library's top-level
+# package. A model can only hold a type of the library if the library is imported, so importing fewbit never
+# imports it.
+_LAZY_CONVERSIONS = {"transformers": "fewbit.nn.hf"}
+
+# Where quantize_ keeps the skipped layers of a model: in its __dict__, so deepcopy and pickle carry it along
+# and it is neither a parameter, a buffer nor a submodule.
 _SKIPPED = "_fewbit_skipped"
 
 
-def _hf_conv1d_type():
-    """transformers' GPT-2 ``Conv1D`` (a linear layer with its weight stored (in, out)), if installed."""
+def register_conversion(float_type: type[nn.Module], convert_fn: ConvertFn | None = None):
+    """Make :func:`quantize_` convert modules of exactly ``float_type`` with ``convert_fn(module, recipe)``, which
+    returns the quantized module (a :class:`~fewbit.nn.QuantizedModule`, sharing ``module``'s parameters). A later
+    registration of the same type replaces the earlier one. Subclasses of ``float_type`` are not covered: register
+    each. Without ``convert_fn`` it is a decorator::
+
+        @register_conversion(MyLinear)
+        def _(module, recipe):
+            return MyQLinear.from_float(module, recipe)
+    """
+    if not (isinstance(float_type, type) and issubclass(float_type, nn.Module)):
+        raise TypeError(f"register_conversion: float_type={float_type!r}; expected a subclass of torch.nn.Module")
+
+    def register(fn: ConvertFn) -> ConvertFn:
+        if not callable(fn):
+            raise TypeError(f"register_conversion({float_type.__name__}): convert_fn={fn!r} is not callable; "
+                            "expected convert_fn(module, recipe) -> quantized module")
+        _CONVERSIONS[float_type] = fn
+        return fn
+
+    return register if convert_fn is None else register(convert_fn)
+
+
+def conversion_for(float_type: type[nn.Module]) -> ConvertFn | None:
+    """The conversion registered for exactly ``float_type``, or None."""
+    if float_type not in _CONVERSIONS:
+        lazy = _LAZY_CONVERSIONS.pop(float_type.__module__.partition(".")[0], None)  # tried once
+        if lazy is not None:
+            try:
+                importlib.import_module(lazy)
+            except ImportError as error:  # a library version without the layer: its modules stay unconverted
+                warnings.warn(f"fewbit: {lazy} could not register its conversions ({error}); layers of that "
+                              "library stay in float", UserWarning, stacklevel=2)
+    return _CONVERSIONS.get(float_type)
+
+
+register_conversion(nn.Linear, QLinear.from_float)
+register_conversion(nn.Conv1d, QConv1d.from_float)
+register_conversion(nn.Conv2d, QConv2d.from_float)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` in place of ``model``'s submodule ``name`` (dotted, as in ``named_modules``: ``"blocks.0.fc"``,
+    ``"head"``); returns the module it replaced. The model itself (``name=""``) cannot be replaced in place."""
+    if not isinstance(new, nn.Module):
+        raise TypeError(f"replace_module: new={type(new).__name__}; expected a torch.nn.Module")
+    if not name:
+        raise ValueError("replace_module: name='' is the model itself, which cannot be replaced in place; "
+                         "name a submodule (as listed by model.named_modules())")
+    parent_name, _, child = name.rpartition(".")
     try:
-        from transformers.pytorch_utils import Conv1D
-    except ImportError:
-        return None
-    return Conv1D
+        parent = model.get_submodule(parent_name)
+    except AttributeError:
+        parent = None
+    if parent is None or child not in parent._modules:
+        raise AttributeError(f"replace_module: {type(model).__name__} has no submodule {name!r}; submodules are "
+                             "named as in model.named_modules() (e.g. 'blocks.0.fc')")
+    old = parent._modules[child]
+    setattr(parent, child, new)
+    return old
 
 
-class QHFConv1D(QLinear):
-    """transformers' ``Conv1D`` (y = x W + b, W of shape (in, out)) as a QLinear. It keeps the (in, out) weight
-    parameter (same ``state_dict`` key and shape) and quantizes its transpose, blocks along ``in``."""
+def skipped_layers(model: nn.Module) -> dict[str, str]:
+    """``{layer name: reason}`` for every layer that :func:`quantize_` (or :func:`fewbit.ptq`) left in float, as
+    recorded on the model; empty for a model that was never converted. A copy: change it with
+    :func:`mark_skipped`."""
+    return dict(model.__dict__.get(_SKIPPED, {}))
 
-    @classmethod
-    def from_hf(cls, conv, recipe: Recipe | str) -> QHFConv1D:
-        q = cls.__new__(cls)
-        nn.Module.__init__(q)
-        q.in_features, q.out_features = conv.weight.shape
-        q.weight, q.bias = conv.weight, conv.bias
-        q.train(conv.training)
-        q._init_quant(recipe)
-        q._hf_type = type(conv)
-        return q
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fewbit.nn import functional as QF
-
-        cached = self._cached_weight(lambda w: self.quantized_weight(w.t()))
-        return QF.qlinear(x, self.weight.t(), self.bias, self.recipe, self._state, cached)
-
-    def to_float(self):
-        conv = self._hf_type.__new__(self._hf_type)
-        nn.Module.__init__(conv)
-        conv.nf = self.out_features
-        conv.nx = self.in_features
-        conv.weight, conv.bias = self.weight, self.bias
-        conv.train(self.training)
-        return conv
+def mark_skipped(model: nn.Module, name: str, reason: str) -> None:
+    """Record that ``model``'s layer ``name`` stays in float, and why (listed by :func:`summary`)."""
+    model.__dict__.setdefault(_SKIPPED, {})[name] = reason
 
 
 def _convert_one(module: nn.Module, recipe: Recipe) -> nn.Module | None:
-    if isinstance(module, _Quantized):
+    if isinstance(module, QuantizedModule):
         return type(module).from_float(module, recipe) if isinstance(module, RECIPE_ONLY) else None
-    hf_conv1d = _hf_conv1d_type()
-    if type(module) is nn.Linear:
-        return QLinear.from_float(module, recipe)
-    if type(module) is nn.Conv2d:
-        return QConv2d.from_float(module, recipe)
-    if type(module) is nn.Conv1d:
-        return QConv1d.from_float(module, recipe)
-    if hf_conv1d is not None and type(module) is hf_conv1d:
-        return QHFConv1D.from_hf(module, recipe)
-    return None
+    convert = conversion_for(type(module))
+    return convert(module, recipe) if convert is not None else None
 
 
 def _has_own_params(module: nn.Module) -> bool:
@@ -88,11 +134,14 @@ def _has_own_params(module: nn.Module) -> bool:
 def quantize_(model: nn.Module, recipe: Recipe | str,
               filter_fn: Callable[[nn.Module, str], bool] | None = None,
               layer_recipes: dict[str, Recipe | str | None] | None = None) -> nn.Module:
-    """Convert ``model``'s Linear, Conv1d, Conv2d (and GPT-2 Conv1D, and fewbit's QMatmul and QAdd) layers in place.
+    """Convert ``model``'s layers of a registered type (Linear, Conv1d, Conv2d, GPT-2's Conv1D; see
+    :func:`register_conversion`) and fewbit's QMatmul and QAdd, in place.
 
     ``recipe``: a Recipe or a preset name. ``filter_fn(module, name)``: convert only where it returns True.
     ``layer_recipes``: ``{name pattern: recipe or None}``, first match wins; None leaves the layer in float
-    (e.g. ``{"head": "bf16", "blocks.0.*": None}``). Returns ``model``.
+    (e.g. ``{"head": "bf16", "blocks.0.*": None}``). Layers with parameters that are not converted are recorded
+    with the reason (:func:`skipped_layers`), replacing the record of an earlier call. Warns when nothing was
+    converted. Returns ``model``.
     """
     recipe = _recipes.get(recipe)
     layer_recipes = {k: (_recipes.get(v) if v is not None else None) for k, v in (layer_recipes or {}).items()}
@@ -115,28 +164,85 @@ def quantize_(model: nn.Module, recipe: Recipe | str,
             continue
         new = _convert_one(module, layer_recipe)
         if new is None:
-            if _has_own_params(module) and not isinstance(module, _Quantized):
+            if _has_own_params(module) and not isinstance(module, QuantizedModule):
                 skipped[name] = f"{type(module).__name__} has no quantized version (kept in float)"
             continue
         if new is not module:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+            replace_module(model, name, new)
         converted += 1
     model.__dict__[_SKIPPED] = skipped
     if converted == 0:
+        already = sum(1 for _ in quantized_layers(model))
+        listed = "; ".join(f"{name or '(model)'}: {reason}" for name, reason in skipped.items())
         warnings.warn(f"quantize_: no convertible layer in {type(model).__name__} (Linear, Conv1d, Conv2d, "
-                      f"QMatmul); nothing changed. {summary_text(model)}", UserWarning, stacklevel=2)
+                      f"QMatmul); nothing changed. {already} layer(s) already quantized. Not converted "
+                      f"({len(skipped)}){': ' + listed if listed else ''}", UserWarning, stacklevel=2)
     return model
 
 
 def dequantize_(model: nn.Module) -> nn.Module:
     """Undo :func:`quantize_` in place: every quantized layer goes back to its float class (same parameters)."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, _Quantized) and name:
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_float())
+    for name, module in list(quantized_layers(model)):
+        if name:
+            replace_module(model, name, module.to_float())
     model.__dict__.pop(_SKIPPED, None)
     return model
+
+
+# ---- summary -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One quantized layer in a :class:`ModelSummary`. Spec names are ``"-"`` for a role the recipe leaves in
+    float. ``float_bytes``: the weight at its own dtype; ``quantized_bytes``: as stored for inference (codes and
+    scales, or 2 bytes per element under a bf16/fp16 ``compute_format``); both 0 for a layer without weights."""
+
+    name: str  # "" for the model itself
+    type: str  # the module's class name, e.g. "QLinear"
+    recipe: str
+    weight: str
+    input: str
+    grad_output: str
+    float_bytes: int
+    quantized_bytes: int
+    weights: int  # weight elements
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """What :func:`summary` found: one :class:`LayerRow` per quantized layer, the layers left in float with the
+    reason, and totals. ``summary["float_bytes"]`` etc. read :attr:`totals` (the dict ``summary`` returned
+    before it returned a record)."""
+
+    model: str  # the model's class name
+    rows: tuple[LayerRow, ...] = ()
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def float_bytes(self) -> int:
+        return sum(r.float_bytes for r in self.rows)
+
+    @property
+    def quantized_bytes(self) -> int:
+        return sum(r.quantized_bytes for r in self.rows)
+
+    @property
+    def weights(self) -> int:
+        return sum(r.weights for r in self.rows)
+
+    @property
+    def totals(self) -> dict:
+        """``float_bytes``, ``quantized_bytes`` and ``weights`` summed over the quantized layers, ``layers`` (their
+        count) and ``skipped`` (``{name: reason}``)."""
+        return {"float_bytes": self.float_bytes, "quantized_bytes": self.quantized_bytes, "layers": len(self.rows),
+                "weights": self.weights, "skipped": dict(self.skipped)}
+
+    def __getitem__(self, key: str):
+        totals = self.totals
+        if key not in totals:
+            raise KeyError(f"ModelSummary has no total {key!r}; totals: {', '.join(totals)} (rows: .rows)")
+        return totals[key]
 
 
 def _spec_name(spec) -> str:
@@ -151,31 +257,28 @@ def _stored(spec):
     return spec
 
 
-def _summary_table(model: nn.Module) -> tuple[Table, list[tuple[str, str]], dict]:
-    table = Table(title=f"fewbit summary: {type(model).__name__}")
-    for col in ["layer", "type", "recipe", "weight", "input", "grad_output", "weight bytes", "quantized bytes"]:
-        table.add_column(col, justify="right" if "bytes" in col else "left")
-    totals = {"float_bytes": 0, "quantized_bytes": 0, "layers": 0, "weights": 0}
-    for name, module in model.named_modules():
-        if not isinstance(module, _Quantized):
-            continue
-        r = module.recipe
-        before = after = 0
-        if module.weight is not None:
-            w = module.weight.detach()
-            before = w.numel() * w.element_size()
-            weight_2d = w.t() if isinstance(module, QHFConv1D) else w.reshape(w.shape[0], -1)
-            # A delayed per-tensor spec stores the same bytes as its current-scaling twin (one scale per tensor).
-            after = quantize(weight_2d.float(), _stored(r.weight)).nbytes if r.weight is not None else \
-                w.numel() * (2 if r.compute_format in ("bf16", "fp16") else w.element_size())
-        totals["float_bytes"] += before
-        totals["quantized_bytes"] += after
-        totals["layers"] += 1
-        totals["weights"] += module.weight.numel() if module.weight is not None else 0
-        table.add_row(name or "(model)", type(module).__name__, r.name, _spec_name(r.weight), _spec_name(r.input),
-                      _spec_name(r.grad_output), f"{before:,}", f"{after:,}")
-    skipped = list(model.__dict__.get(_SKIPPED, {}).items())
-    return table, skipped, totals
+def _row(name: str, module: QuantizedModule) -> LayerRow:
+    r = module.recipe
+    before = after = count = 0
+    if module.weight is not None:
+        w = module.weight.detach()
+        count = w.numel()
+        before = count * w.element_size()
+        if r.weight is not None:
+            after = quantize(module.weight_matrix().detach().float(), _stored(r.weight)).nbytes
+        else:
+            after = count * (2 if r.compute_format in ("bf16", "fp16") else w.element_size())
+    return LayerRow(name=name, type=type(module).__name__, recipe=r.name, weight=_spec_name(r.weight),
+                    input=_spec_name(r.input), grad_output=_spec_name(r.grad_output), float_bytes=before,
+                    quantized_bytes=after, weights=count)
+
+
+def summary(model: nn.Module) -> ModelSummary:
+    """The quantized layers of ``model`` (type, recipe, spec per role, weight bytes before and after) and every
+    layer left in float with the reason, as a record; prints nothing (render it with
+    :func:`fewbit.report.layers.model_summary_table` or ``model_summary_text``)."""
+    return ModelSummary(model=type(model).__name__, rows=tuple(_row(n, m) for n, m in quantized_layers(model)),
+                        skipped=skipped_layers(model))
 
 
 def weight_bytes(model: nn.Module) -> dict:
@@ -184,34 +287,10 @@ def weight_bytes(model: nn.Module) -> dict:
 
     Keys: ``total`` (bytes), ``quantized`` (bytes of the converted weights), ``quantized_weights`` (their element
     count), ``bits_per_weight`` (8 * quantized / quantized_weights; None when no layer is converted)."""
-    _, _, totals = _summary_table(model)
-    converted = {id(m.weight) for m in model.modules() if isinstance(m, _Quantized) and m.weight is not None}
+    record = summary(model)
+    converted = {id(m.weight) for _, m in quantized_layers(model) if m.weight is not None}
     other = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values()
                 if id(p) not in converted)
-    n = totals["weights"]
-    return {"total": other + totals["quantized_bytes"], "quantized": totals["quantized_bytes"],
-            "quantized_weights": n, "bits_per_weight": 8 * totals["quantized_bytes"] / n if n else None}
-
-
-def summary_text(model: nn.Module) -> str:
-    """The summary as plain text (for logs and errors)."""
-    console = Console(width=160, record=True, file=open("/dev/null", "w"))
-    summary(model, console=console)
-    return console.export_text()
-
-
-def summary(model: nn.Module, console: Console | None = None) -> dict:
-    """Print a table of the quantized layers (type, recipe, spec per role, weight bytes before and after) and every
-    layer left in float with the reason; return the totals."""
-    console = console or Console()
-    table, skipped, totals = _summary_table(model)
-    console.print(table)
-    if skipped:
-        console.print(f"Not converted ({len(skipped)}):")
-        for name, reason in skipped:
-            console.print(f"  {name or '(model)'}: {reason}")
-    if totals["float_bytes"]:
-        console.print(f"weights: {totals['float_bytes']:,} bytes in float, {totals['quantized_bytes']:,} quantized "
-                      f"({totals['float_bytes'] / max(totals['quantized_bytes'], 1):.2f}x smaller)")
-    totals["skipped"] = dict(skipped)
-    return totals
+    n = record.weights
+    return {"total": other + record.quantized_bytes, "quantized": record.quantized_bytes,
+            "quantized_weights": n, "bits_per_weight": 8 * record.quantized_bytes / n if n else None}

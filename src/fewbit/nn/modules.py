@@ -5,9 +5,14 @@ Each keeps its float parameters (same names, same ``state_dict`` keys) and quant
 eval mode without autograd the quantized weight is cached and recomputed when the weight changes (its version
 counter or storage moves). ``QMatmul`` and ``QActivation`` (the two input quantizers of a ``QAdd``) have no
 weights: ``quantize_`` converts them by setting their recipe in place.
+
+:class:`QuantizedModule` is the protocol every quantized layer follows (a recipe, :meth:`~QuantizedModule.set_recipe`,
+``from_float`` / ``to_float``, :meth:`~QuantizedModule.weight_matrix`); :func:`quantized_layers` finds them in a model.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -18,15 +23,29 @@ from fewbit.recipes import Recipe
 from fewbit.scaling import PerTensor
 
 
-class _Quantized:
-    """Shared behaviour: the recipe, the per-module state, and the eval-mode weight cache."""
+class QuantizedModule:
+    """The quantized-module protocol (a mixin in front of the float module class it replaces): a ``recipe``, the
+    per-module state its autograd functions keep (delayed-scaling amax histories), and the eval-mode weight cache.
+
+    A quantized layer type provides ``from_float(float_module, recipe)`` (a classmethod: the quantized module,
+    sharing the float module's parameters) and ``to_float()`` (the float module back, same parameters); register
+    the conversion with :func:`fewbit.nn.register_conversion`. Every quantized layer has a ``weight`` attribute
+    (None for the weightless :class:`QMatmul` and :class:`QActivation`)."""
 
     recipe: Recipe
+    weight: torch.Tensor | None
 
-    def _init_quant(self, recipe: Recipe | str) -> None:
+    def set_recipe(self, recipe: Recipe | str) -> None:
+        """Quantize by ``recipe`` (a Recipe or a preset name) from now on. Resets what the old recipe left: the
+        per-module state (delayed-scaling amax histories) and the cached quantized weight."""
         self.recipe = _recipes.get(recipe)
         self._state = QF._State(self.recipe)
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+
+    def weight_matrix(self) -> torch.Tensor | None:
+        """The weight as the ``(out_features, reduction)`` matrix the forward GEMM multiplies and the recipe's
+        ``weight`` spec quantizes along its rows (dimension 1); None for a layer without weights."""
+        return self.weight
 
     def _cached_weight(self, quantize) -> torch.Tensor | None:
         if self.training or torch.is_grad_enabled() or self.recipe.is_identity:
@@ -46,13 +65,25 @@ class _Quantized:
         return state
 
 
-class QLinear(_Quantized, nn.Linear):
+# The former private name; tests outside fewbit.nn still use it. New code: QuantizedModule.
+_Quantized = QuantizedModule
+
+
+def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedModule]]:
+    """``(name, module)`` for every :class:`QuantizedModule` in ``model`` (``model`` itself included, named ``""``),
+    in ``named_modules`` order; whatever their recipe, ``fp32`` included."""
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedModule):
+            yield name, module
+
+
+class QLinear(QuantizedModule, nn.Linear):
     """``nn.Linear`` whose GEMMs run in the recipe's formats (forward and backward)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, recipe: Recipe | str = "fp32",
                  device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self._init_quant(recipe)
+        self.set_recipe(recipe)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, recipe: Recipe | str) -> QLinear:
@@ -62,7 +93,7 @@ class QLinear(_Quantized, nn.Linear):
         q.in_features, q.out_features = linear.in_features, linear.out_features
         q.weight, q.bias = linear.weight, linear.bias
         q.train(linear.training)
-        q._init_quant(recipe)
+        q.set_recipe(recipe)
         return q
 
     def to_float(self) -> nn.Linear:
@@ -81,7 +112,7 @@ class QLinear(_Quantized, nn.Linear):
                           self._cached_weight(self.quantized_weight))
 
 
-class _QConvNd(_Quantized):
+class _QConvNd(QuantizedModule):
     _float_cls: type[nn.modules.conv._ConvNd]
 
     @classmethod
@@ -91,7 +122,7 @@ class _QConvNd(_Quantized):
                              "only 'zeros'")
         q = cls.__new__(cls)
         q.__dict__.update(conv.__dict__)  # parameters, buffers, hyper-parameters, hooks: shared, not copied
-        q._init_quant(recipe)
+        q.set_recipe(recipe)
         return q
 
     def to_float(self):
@@ -99,6 +130,10 @@ class _QConvNd(_Quantized):
         conv.__dict__.update({k: v for k, v in self.__dict__.items()
                               if k not in ("recipe", "_state", "_weight_cache")})
         return conv
+
+    def weight_matrix(self) -> torch.Tensor:
+        """The weight ``(O, C/g, *k)`` as the ``(O, C/g * prod(k))`` matrix of the im2col GEMM."""
+        return QF._weight_as_gemm(self.weight)
 
     def quantized_weight(self, weight: torch.Tensor) -> torch.Tensor:
         return QF.quantize_operand(QF._weight_as_gemm(weight), self.recipe.weight, 1, self.recipe).reshape(
@@ -128,7 +163,7 @@ class QConv2d(_QConvNd, nn.Conv2d):
     _float_cls = nn.Conv2d
 
 
-class QMatmul(_Quantized, nn.Module):
+class QMatmul(QuantizedModule, nn.Module):
     """``a @ b`` for two activations (attention's QK^T and PV) in the recipe's formats. fewbit's models call
     it instead of ``@`` so that ``quantize_`` can reach those products; with the fp32 recipe it is ``a @ b``."""
 
@@ -136,10 +171,7 @@ class QMatmul(_Quantized, nn.Module):
 
     def __init__(self, recipe: Recipe | str = "fp32") -> None:
         super().__init__()
-        self._init_quant(recipe)
-
-    def set_recipe(self, recipe: Recipe | str) -> None:
-        self._init_quant(recipe)
+        self.set_recipe(recipe)
 
     @classmethod
     def from_float(cls, module: QMatmul, recipe: Recipe | str) -> QMatmul:
@@ -164,7 +196,7 @@ def _integer_per_tensor(recipe: Recipe) -> bool:
     return spec is not None and spec.format.is_int and isinstance(spec.scaling, PerTensor)
 
 
-class QActivation(_Quantized, nn.Module):
+class QActivation(QuantizedModule, nn.Module):
     """One activation quantized on its own, as an integer runtime stores it between two integer ops (each input of a
     :class:`QAdd`). Under a recipe whose ``input`` spec is an integer format with one scale per tensor (``int8``)
     it fake-quantizes its input by that spec, with a static range once calibrated (:func:`fewbit.calibrate` treats
@@ -176,19 +208,20 @@ class QActivation(_Quantized, nn.Module):
 
     def __init__(self, recipe: Recipe | str = "fp32") -> None:
         super().__init__()
-        self._init_quant(recipe)
+        self.set_recipe(recipe)
 
-    def _init_quant(self, recipe: Recipe | str) -> None:
+    def set_recipe(self, recipe: Recipe | str) -> None:
+        """As :meth:`QuantizedModule.set_recipe`; a recipe whose inputs are not per-tensor integers reads fp32."""
         recipe = _recipes.get(recipe)
-        super()._init_quant(recipe if _integer_per_tensor(recipe) else "fp32")
+        super().set_recipe(recipe if _integer_per_tensor(recipe) else "fp32")
 
     @classmethod
     def from_float(cls, module: QActivation, recipe: Recipe | str) -> QActivation:
-        module._init_quant(recipe)
+        module.set_recipe(recipe)
         return module
 
     def to_float(self) -> QActivation:
-        self._init_quant("fp32")
+        self.set_recipe("fp32")
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,9 +46,9 @@ def qat(model: torch.nn.Module, data: Callable[[int, int], object],
         lr = 0.01 * original_lr
     if steps < 1 or not lr > 0:
         raise ValueError(f"qat: steps={steps}, lr={lr}; need steps >= 1 and lr > 0")
-    from fewbit.nn.modules import _Quantized
+    from fewbit.nn import quantized_layers
 
-    if not any(isinstance(m, _Quantized) and not m.recipe.is_identity for m in model.modules()):
+    if not any(not m.recipe.is_identity for _, m in quantized_layers(model)):
         raise ValueError("qat: the model has no quantized layer; quantize and calibrate it first (fewbit.ptq or "
                          "fewbit.calibrate(model, batches, recipe='int8'))")
     if optimizer_fn is None:
