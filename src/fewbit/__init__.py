@@ -4,7 +4,19 @@ from fewbit import formats, recipes, scaling
 from fewbit.calibrate import Calibration, PTQReport, calibrate, ptq
 from fewbit.export import export_onnx
 from fewbit.formats import Format, Overflow, Rounding, cast, decode, encode, pack, unpack
-from fewbit.nn import QConv1d, QConv2d, QLinear, QMatmul, dequantize_, fold_batchnorm_, quantize_, summary
+from fewbit.nn import (
+    QConv1d,
+    QConv2d,
+    QLinear,
+    QMatmul,
+    QuantizedModule,
+    dequantize_,
+    fold_batchnorm_,
+    quantize_,
+    quantized_layers,
+    replace_module,
+    summary,
+)
 from fewbit.qtensor import QTensor, QuantSpec, fake_quantize, get_spec, load, quantize, spec_names
 from fewbit.recipes import Recipe
 from fewbit.scaling import AmaxHistory, Block, PerAxis, PerGroup, PerTensor
@@ -37,6 +49,7 @@ __all__ = [
     "QMatmul",
     "QTensor",
     "QuantSpec",
+    "QuantizedModule",
     "Recipe",
     "Rounding",
     "calibrate",
@@ -55,7 +68,9 @@ __all__ = [
     "qat",
     "quantize",
     "quantize_",
+    "quantized_layers",
     "recipes",
+    "replace_module",
     "scaling",
     "spec_names",
     "summary",
