@@ -9,7 +9,7 @@ import pytest
 
 from fewbit import workloads
 from fewbit.cli import main
-from fewbit.workloads import run as runs
+from fewbit.workloads import runs
 
 # A translate model small enough to train in a second; deterministic (one thread, fixed seed).
 TINY = ["pairs=800", "vocab_size=100", "d_model=32", "heads=2", "d_ff=64", "encoder_layers=1", "decoder_layers=1",

@@ -15,6 +15,10 @@ VISION = ["valid_size=200", "train_limit=512", "width=0.5", "blocks=1", "steps=4
 ASR = ["train_utterances=24", "valid_utterances=6", "test_utterances=6", "width=16", "repeat=1", "steps=4",
        "batch_size=4", "warmup=2", "threads=1"]
 # Losses of the first four steps, from reference runs (torch 2.13.0 CPU; Debian's dataset-fashion-mnist and espeak-ng).
+# MobileNet-v2 at batch 16 amplifies the CPU's float reassociation in its backward (depthwise convolutions,
+# BatchNorm over 1x1 maps): two x86 machines agree on its first two losses to 1e-7 but are 2e-5 apart at the
+# third step and 1.7% at the fourth. Only its first two are pinned across machines; the rest must repeat exactly.
+PINNED_STEPS = {"resnet": 4, "mobilenet_v2": 2}
 VISION_LOSSES = {"resnet": [2.298271656036377, 2.2996203899383545, 2.275831937789917, 2.293743848800659],
                  "mobilenet_v2": [2.323641777038574, 2.463618755340576, 2.62648868560791, 2.570903778076172]}
 ASR_LOSSES = [11.70105266571045, 11.290493965148926, 11.837072372436523, 9.157681465148926]
@@ -38,7 +42,12 @@ def _losses(folder):
 def test_vision_trains_with_pinned_losses_and_evaluates(model, tmp_path, capsys):
     out = tmp_path / model
     assert main(["train", "vision", "--model", model, "--out", str(out), "--quiet", *VISION]) == 0
-    assert _losses(out) == pytest.approx(VISION_LOSSES[model], rel=1e-5)
+    pinned = PINNED_STEPS[model]
+    assert _losses(out)[:pinned] == pytest.approx(VISION_LOSSES[model][:pinned], rel=1e-5)
+    if pinned < len(VISION_LOSSES[model]):  # the rest: the same on a second run, bit for bit
+        again = tmp_path / f"{model}-again"
+        assert main(["train", "vision", "--model", model, "--out", str(again), "--quiet", *VISION]) == 0
+        assert _losses(again) == _losses(out) and len(_losses(out)) == len(VISION_LOSSES[model])
     record = json.loads((out / "run.json").read_text())
     assert record["config"]["model"] == model and record["data"]["source"] == "fashion-mnist"
     assert record["data"]["train_images"] == 512 and record["data"]["test_images"] == 10000

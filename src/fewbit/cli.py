@@ -3,80 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from fewbit import formats
+from fewbit import formats, recipes
+from fewbit.report import catalog
+from fewbit.report.console import console as _console
 from fewbit.workloads.base import DataError
-
-
-def _number(value: float) -> str:
-    """A value as a person reads it: exact powers of two as 2^k, small integers plainly, else 4 significant digits."""
-    if value == 0 or not math.isfinite(value):
-        return str(value)
-    mantissa, exponent = math.frexp(abs(value))
-    sign = "-" if value < 0 else ""
-    if mantissa == 0.5 and not -5 < exponent - 1 < 20:
-        return f"{sign}2^{exponent - 1}"
-    if value == int(value) and abs(value) < 1e6:
-        return f"{int(value)}"
-    return f"{value:.4g}".replace("e+", "e")
-
-
-def _specials(fmt: formats.Format) -> str:
-    if fmt.is_int:
-        return "-"
-    top = (1 << (fmt.bits - fmt.signed)) - 1  # the all-ones magnitude code
-    top_codes = f"0x{top:02X}/0x{top | (1 << (fmt.bits - 1)):02X}" if fmt.signed else f"0x{top:02X}"
-    nan = {"ieee": "NaN", "top_code": f"NaN={top_codes} only", "none": "no NaN"}[fmt.nan.value]
-    return f"inf, {nan}" if fmt.inf else nan
-
-
-def _formats_table(console: Console) -> None:
-    table = Table(title="fewbit number formats", title_style="bold")
-    for column, justify in [("format", "left"), ("bits", "right"), ("E", "right"), ("M", "right"),
-                            ("bias", "right"), ("max", "right"), ("min normal", "right"),
-                            ("min subnormal", "right"), ("binades", "right"), ("inf / NaN", "left")]:
-        table.add_column(column, justify=justify)
-    for name in formats.names():
-        f = formats.get(name)
-        table.add_row(
-            name, str(f.bits), str(f.ebits) if not f.is_int else "-", str(f.mbits) if not f.is_int else "-",
-            str(f.bias) if not f.is_int else "-", _number(f.max), _number(f.min_normal),
-            _number(f.min_subnormal) if f.subnormals and not f.is_int else "-", f"{f.binades:.2f}", _specials(f),
-        )
-    console.print(table)
-    console.print("binades = log2(max / min subnormal). `fewbit formats NAME` lists every value of a format of "
-                  "8 bits or fewer.")
-
-
-def _values_table(console: Console, fmt: formats.Format) -> None:
-    values = fmt.values.tolist()
-    table = Table(title=f"{fmt.name}: all {fmt.num_codes} codes ({fmt.description})", title_style="bold")
-    columns = 4 if fmt.num_codes > 16 else 1
-    for _ in range(columns):
-        table.add_column("code", justify="right", style="cyan")
-        table.add_column("bits", justify="right", style="dim")
-        table.add_column("value", justify="right")
-    rows = math.ceil(fmt.num_codes / columns)
-    for r in range(rows):
-        cells = []
-        for c in range(columns):
-            code = c * rows + r
-            if code < fmt.num_codes:
-                cells += [f"0x{code:02X}", format(code, f"0{fmt.bits}b"), repr(values[code])]
-        table.add_row(*cells)
-    console.print(table)
-
-
-def _console() -> Console:
-    # Piped output gets a width that fits the tables rather than rich's 80-column default.
-    return Console() if sys.stdout.isatty() else Console(width=140)
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
@@ -85,7 +22,8 @@ def _cmd_formats(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps([formats.get(n).as_dict() for n in formats.names()], indent=2))
         else:
-            _formats_table(console)
+            console.print(catalog.formats_table([formats.get(n) for n in formats.names()]))
+            console.print(catalog.FORMATS_NOTE)
         return 0
     fmt = formats.get(args.name)
     if fmt.bits > 8:
@@ -96,24 +34,16 @@ def _cmd_formats(args: argparse.Namespace) -> int:
         facts["values"] = [v if math.isfinite(v) else str(v) for v in fmt.values.tolist()]
         print(json.dumps(facts, indent=2))
     else:
-        _values_table(console, fmt)
+        console.print(catalog.values_table(fmt))
     return 0
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
-    from fewbit import recipes
-
-    rows = [recipes.get(n) for n in recipes.names()]
+    rows = [recipes.get(n) for n in recipes.names(include_training=True)]
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return 0
-    table = Table(title="fewbit recipes (QuantSpec per role; '-' = high precision)", title_style="bold")
-    for col in ["recipe", "weight", "input", "grad_output", "compute", "loss scaling"]:
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r.name, *(str(s) if s is not None else "-" for s in (r.weight, r.input, r.grad_output)),
-                      r.compute_format or "fp32", r.loss_scaling)
-    _console().print(table)
+    _console().print(catalog.recipes_table(rows))
     return 0
 
 
@@ -130,15 +60,7 @@ def _cmd_workloads(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    table = Table(title="fewbit workloads", title_style="bold")
-    for col in ["workload", "what", "metric", "configs", "data sources (available here?)"]:
-        table.add_column(col)
-    for r in rows:
-        sources = "\n".join(f"{s['name']}: {'yes' if s['available'] else 'no: ' + s['install']}"
-                            for s in r["sources"])
-        table.add_row(r["name"], r["description"], r["metric"] + (" ↑" if r["higher_is_better"] else " ↓"),
-                      ", ".join(r["configs"]), sources)
-    _console().print(table)
+    _console().print(catalog.workloads_table(rows))
     return 0
 
 
@@ -147,8 +69,8 @@ def _metrics_line(metrics: dict) -> str:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from fewbit import recipes, workloads
-    from fewbit.workloads import run
+    from fewbit import workloads
+    from fewbit.workloads import runs
 
     cls = workloads.get(args.workload)
     recipe = recipes.get(args.recipe)
@@ -157,7 +79,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     console = _console()
     console.print(f"fewbit train {args.workload}: recipe {recipe.name}, config {args.config}, "
                   f"{workload.config.steps} steps -> {out}")
-    result = run.train(workload, recipe, out=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    result = runs.train(workload, recipe, out=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
     console.print(f"valid: {_metrics_line(result.record['valid'])}")
     console.print(f"trained in {result.record['train']['seconds']:.1f} s; saved {out}/ "
                   f"(evaluate with `fewbit eval {args.workload} --checkpoint {out}`)")
@@ -165,11 +87,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from fewbit.workloads import run
+    from fewbit.workloads import runs
 
-    loaded = run.load(args.checkpoint, args.workload)
-    metrics = run.evaluate(loaded, args.recipe, args.split, args.limit)
-    record = {"workload": args.workload, "checkpoint": str(args.checkpoint), "recipe": args.recipe or "as trained",
+    loaded = runs.load(args.checkpoint, args.workload)
+    recipe = loaded.recipe if args.recipe is None else recipes.get(args.recipe)
+    metrics = runs.evaluate(loaded, recipe, args.split, args.limit)
+    as_trained = " (as trained)" if args.recipe is None else ""
+    record = {"workload": args.workload, "checkpoint": str(args.checkpoint), "recipe": recipe.name + as_trained,
               "split": args.split, **metrics}
     if args.json:
         print(json.dumps(record, indent=2))
@@ -178,32 +102,53 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _json_mode(enabled: bool):
+    """With ``--json`` stdout holds the JSON alone: tables, progress and training bars go to stderr."""
+    with contextlib.redirect_stdout(sys.stderr) if enabled else contextlib.nullcontext():
+        yield _console(stderr=enabled)
+
+
+def _progress_bar(console, title: str, enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn(f"[bold]{title}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, disable=not enabled)
+
+
 def _cmd_study(args: argparse.Namespace) -> int:
     from fewbit import study
+    from fewbit.report import study as render
 
-    result = study.run(args.workload, args.config, args.overrides,
-                       [r for r in args.recipes.split(",") if r] if args.recipes else (),
-                       out=args.out, split=args.split, retrain=args.retrain, progress=not args.quiet,
-                       console=_console())
+    with _json_mode(args.json) as console, _progress_bar(console, "study", not args.quiet) as bar:
+        task = bar.add_task("study", total=None, info="")
+        result = study.run(
+            args.workload, args.config, args.overrides, [r for r in args.recipes.split(",") if r] if args.recipes
+            else (), out=args.out, split=args.split, retrain=args.retrain, progress=not args.quiet,
+            log=console.print, on_recipe=lambda info, done, total: bar.update(task, info=info, completed=done,
+                                                                             total=total))
+    console.print(render.table(result))
+    console.print(f"wrote {Path(result['out']) / 'results.json'}, report.md, {render.plot_name(result)}")
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2))
+        print(json.dumps(result, indent=2))
     return 0
 
 
 def _cmd_ptq(args: argparse.Namespace) -> int:
-    import contextlib
-
     from fewbit import post_training
+    from fewbit.report import ptq as render
 
     methods = [m.strip().replace("percentile-", "percentile_") for m in args.methods.split(",") if m.strip()] \
         if args.methods else None
-    # With --json, stdout holds the JSON alone: tables, progress and training bars go to stderr.
-    console = Console(stderr=True, width=140) if args.json else _console()
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+    with _json_mode(args.json) as console:
         record = post_training.run(
             args.workload, args.recipe, args.config, args.overrides, args.checkpoint, args.calib_batches, methods,
             args.tolerance, args.max_float_layers, args.split, args.limit, args.out, progress=not args.quiet,
-            console=console, onnx=args.onnx, qat=args.qat)
+            onnx=args.onnx, qat=args.qat, log=console.print)
+        for renderable in render.calibration_tables(record):
+            console.print(renderable)
+        console.print(render.summary_table(record))
+        console.print(f"wrote {Path(record['out']) / 'ptq.json'} and report.md")
     if args.json:
         print(json.dumps(record, indent=2))
     return 0
@@ -228,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     overrides_help = "config overrides, e.g. steps=200 lr=3e-4 (unknown keys are rejected)"
     p = sub.add_parser("train", help="train a workload's model under a recipe and save the run")
     p.add_argument("workload")
-    p.add_argument("--recipe", default="fp32", help="a preset recipe (see `fewbit recipes`)")
+    p.add_argument("--recipe", default="fp32", help="a preset recipe (see `fewbit recipes`) or a recipe YAML file "
+                   "(`Recipe.to_yaml`); the run records the full recipe")
     p.add_argument("--config", default="quick", help="a named config of the workload, or a .yaml path")
     p.add_argument("--out", help="run folder (default runs/<workload>-<recipe>)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="keep resumable checkpoints every N steps")
@@ -239,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a saved run, as trained or directly cast to a recipe")
     p.add_argument("workload")
     p.add_argument("--checkpoint", required=True, help="a run folder written by `fewbit train`")
-    p.add_argument("--recipe", help="cast the model to this recipe before evaluating (default: as trained)")
+    p.add_argument("--recipe", help="evaluate under this recipe, a preset or a YAML file (default: the recipe the "
+                   "run was trained with; fp32: the float model)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--limit", type=int, help="evaluate only the first N examples (0: all; default: the config's "
                    "eval_limit)")
@@ -249,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("study", help="train (or load) the FP32 baseline and evaluate it under every recipe")
     p.add_argument("workload")
     p.add_argument("--config", default="quick", help="a named config of the workload, or a .yaml path")
-    p.add_argument("--recipes", help="comma-separated preset names (default: all)")
+    p.add_argument("--recipes", help="comma-separated preset names or recipe YAML files (default: every study "
+                   "preset)")
     p.add_argument("--out", help="output folder (default fewbit-study/<workload>, suffixed by "
                    "a non-default config and the overrides, e.g. fewbit-study/vision-model=mobilenet_v2)")
     p.add_argument("--split", default="test", choices=["valid", "test"])

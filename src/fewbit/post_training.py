@@ -34,11 +34,12 @@ int32 and requantizes with float multipliers; both are reported, with their diff
 
 Writes ``ptq.json`` (the :class:`~fewbit.PTQReport` fields, plus the workload, its config, the checkpoint, the
 calibration batches, the tolerance rule and the test-split metrics of both models) and ``report.md`` into the
-output folder, atomically.
+output folder, atomically. The record is rendered by :mod:`fewbit.report.ptq`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -46,16 +47,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from rich.console import Console
-from rich.table import Table
 
 from fewbit import recipes as _recipes
-from fewbit import study
 from fewbit.atomic import write_text
 from fewbit.calibrate import ptq, ptq_methods, within_tolerance
 from fewbit.nn import fold_batchnorm_
-from fewbit.workloads import get
-from fewbit.workloads import run as runs
+from fewbit.report import ptq as render
+from fewbit.workloads import get, runs
 from fewbit.workloads.base import config_dict, model_device, to_device
 
 CALIBRATION_EXAMPLES = 1024
@@ -72,13 +70,12 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         checkpoint: str | Path | None = None, calib_batches: int | None = None,
         methods: Sequence[str] | None = None, tolerance: float = 0.01, max_float_layers: int | None = None,
         split: str = "valid", limit: int | None = None, out: str | Path | None = None, progress: bool = True,
-        console: Console | None = None, onnx: str | Path | None = None, qat: bool = False) -> dict:
+        onnx: str | Path | None = None, qat: bool = False, log=None) -> dict:
     """Post-training quantization of the workload's FP32 model (see the module docstring); returns what
     ``ptq.json`` holds. ``config`` and ``overrides`` pick the cached FP32 baseline (default config: quick);
     ``checkpoint`` is a run folder instead (its own config; then neither may be given). ``methods``: calibrators
     to try (default: every one that applies to the recipe). Every argument is checked before any model is loaded
-    or trained: bad values are a ValueError naming the valid ones."""
-    console = console or Console()
+    or trained: bad values are a ValueError naming the valid ones. ``log(message)`` hears about the baseline."""
     cls = get(workload_name)
     recipe = _recipes.get(recipe)
     methods = ptq_methods(recipe, methods)
@@ -96,7 +93,7 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
                          "--limit to evaluate on fewer examples)")
     if checkpoint is None:
         cls.load_config(config or "quick", overrides)  # bad keys fail here, before any training
-        base = study.baseline(workload_name, config or "quick", overrides, progress=progress, console=console)
+        base = runs.baseline(workload_name, config or "quick", overrides, progress=progress, log=log)
     else:
         base = runs.load(checkpoint, workload_name)
     workload, model = base.workload, base.model
@@ -113,14 +110,15 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
     device = model_device(model)
     batches = (to_device(workload.batch(c.steps + i), device) for i in range(count))
     test_float = workload.evaluate(model, "test", limit)
-    model, report = ptq(
-        model, recipe, batches, lambda m: workload.evaluate(m, split, limit)[workload.metric], tolerance=tolerance,
-        higher_is_better=workload.higher_is_better, methods=methods, max_float_layers=max_float_layers,
-        forward_fn=lambda m, batch: workload.loss(m, batch), progress=progress)
-    fine_tuned = None
-    if qat and not report.within_tolerance:
-        fine_tuned = _fine_tune(workload, model, report, lambda m: workload.evaluate(m, split, limit)[workload.metric],
-                                progress)
+
+    def metric_of(m) -> float:
+        return workload.evaluate(m, split, limit)[workload.metric]
+
+    model, report = ptq(model, recipe, batches, metric_of, tolerance=tolerance,
+                        higher_is_better=workload.higher_is_better, methods=methods,
+                        max_float_layers=max_float_layers, forward_fn=workload.loss, progress=progress)
+    fine_tuned = _fine_tune(workload, model, report, metric_of, progress) if qat and not report.within_tolerance \
+        else None
     test_quantized = workload.evaluate(model, "test", limit)
     record = {
         "workload": workload_name,
@@ -136,26 +134,20 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
         "checkpoint": str(base.path) if base.path is not None else None,
         "config": config_dict(c),
         "total_seconds": round(time.perf_counter() - started, 2),
+        "qat": fine_tuned,
     }
-    record["qat"] = fine_tuned
     if onnx is not None:
         record["onnx"] = _onnx_check(workload, model, onnx, limit, test_quantized, c.threads)
     record = _finite(record)
-    report.print(console)
-    console.print(summary_table(record))
-    if out is None:
-        out = study.default_out("fewbit-ptq", workload_name, config, overrides)
-    out = Path(out)
+    out = Path(out) if out is not None else runs.default_out("fewbit-ptq", workload_name, config, overrides)
+    record["out"] = str(out)
     write_text(out / "ptq.json", json.dumps(record, indent=2) + "\n")
-    write_text(out / "report.md", markdown(record))
-    console.print(f"wrote {out / 'ptq.json'} and report.md")
+    write_text(out / "report.md", render.markdown(record))
     return record
 
 
-def _fine_tune(workload, model, report, eval_fn, progress: bool) -> dict:
+def _fine_tune(workload, model, report, metric_of, progress: bool) -> dict:
     """QAT of the calibrated ``model`` (see the module docstring); updates ``report`` to the fine-tuned metric."""
-    import dataclasses
-
     from fewbit.train.qat import qat
 
     c = workload.config
@@ -166,8 +158,7 @@ def _fine_tune(workload, model, report, eval_fn, progress: bool) -> dict:
                  optimizer_fn=lambda params, lr: runs.optimizer_for(dataclasses.replace(c, lr=lr))(params))
     model.eval()
     before = report.final_metric
-    with torch.no_grad():
-        after = float(eval_fn(model))
+    after = float(metric_of(model))
     report.steps.append({"step": "qat", "metric": after, "float_layers": list(report.float_layers)})
     report.final_metric = after
     report.within_tolerance = within_tolerance(after, report.float_metric, report.tolerance, report.higher_is_better)
@@ -175,33 +166,14 @@ def _fine_tune(workload, model, report, eval_fn, progress: bool) -> dict:
             "metric_after": after, "seconds": round(time.perf_counter() - started, 2)}
 
 
-class OnnxModel(torch.nn.Module):
-    """An onnxruntime session behind ``nn.Module``'s call, so a workload's evaluation can run it: inputs and outputs
-    are CPU float32 tensors; the empty parameter only tells evaluations where to put their batches."""
-
-    def __init__(self, path: str | Path, threads: int = 0) -> None:
-        import onnxruntime
-
-        super().__init__()
-        options = onnxruntime.SessionOptions()
-        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.input_name = self.session.get_inputs()[0].name
-        self.anchor = torch.nn.Parameter(torch.empty(0), requires_grad=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        (out,) = self.session.run(None, {self.input_name: x.detach().float().cpu().numpy()})
-        return torch.from_numpy(out)
-
-
 def _onnx_check(workload, model, path, limit, fake_quant: dict, threads: int) -> dict:
-    from fewbit.export import export_onnx
+    """Export ``model`` to ``path`` and score it on the test split with onnxruntime, through the workload's own
+    evaluation (the session is a callable from inputs to outputs)."""
+    from fewbit.export import export_onnx, onnx_runner
 
     path = Path(path)
     export_onnx(model, workload.example_input().to(model_device(model)), path)
-    metrics = workload.evaluate(OnnxModel(path, threads), "test", limit)
+    metrics = workload.evaluate(onnx_runner(path, threads), "test", limit)
     metric = workload.metric
     return {"path": str(path), "test": metrics, "fake_quant_test": fake_quant[metric],
             "difference": metrics[metric] - fake_quant[metric]}
@@ -216,78 +188,3 @@ def _finite(value):
     if isinstance(value, list | tuple):
         return [_finite(v) for v in value]
     return value
-
-
-def _rows(record: dict) -> list[list[str]]:
-    metric = record["metric"]
-
-    def cell(value) -> str:
-        return f"{value:.4g}" if isinstance(value, float | int) else str(value)
-
-    rows = [[f"{record['split']} (decides)", cell(record["float_metric"]), cell(record["final_metric"])],
-            ["test", cell(record["test"]["float"][metric]), cell(record["test"]["quantized"][metric])]]
-    if "onnx" in record:
-        rows.append(["test, onnxruntime INT8", "", cell(record["onnx"]["test"][metric])])
-    return rows
-
-
-def summary_table(record: dict) -> Table:
-    table = Table(title=f"fewbit ptq: {record['workload']} ({record['recipe']}), {record['metric']}")
-    for column in ("split", "fp32", record["recipe"]):
-        table.add_column(column, justify="left" if column == "split" else "right")
-    for row in _rows(record):
-        table.add_row(*row)
-    return table
-
-
-def markdown(record: dict) -> str:
-    metric, recipe = record["metric"], record["recipe"]
-    calibration = record["calibration"]
-    verdict = "within" if record["within_tolerance"] else "**not** within"
-    lines = [
-        f"# fewbit ptq: {record['workload']}, {recipe}",
-        "",
-        f"Metric: **{metric}**. The calibrator and the layers left in float are chosen on the {record['split']} "
-        f"split ({record['limit'] or 'all'} examples); the test split is reported beside it.",
-        "",
-        f"| split | fp32 | {recipe} |",
-        "|---|---:|---:|",
-        *(f"| {' | '.join(row)} |" for row in _rows(record)),
-        "",
-        f"Final {metric} is {verdict} the tolerance: {record['tolerance_rule']}, tolerance {record['tolerance']:g}. "
-        + (f"Quantization-aware fine-tuning ({record['qat']['steps']} steps at lr {record['qat']['lr']:g}) moved it "
-         f"from {record['qat']['metric_before']:.4g} to {record['qat']['metric_after']:.4g}. "
-         if record.get("qat") else "")
-        + f"{len(record['float_layers'])} layer(s) left in float"
-        + (f": {', '.join(f'`{n}`' for n in record['float_layers'])}." if record["float_layers"] else "."),
-        "",
-        "## Calibrators",
-        "",
-        f"One pass over {calibration['batches']} training batches ({calibration['examples']} examples, the "
-        f"training batches of steps {calibration['first_step']} to "
-        f"{calibration['first_step'] + calibration['batches'] - 1}, after the FP32 run's last), then each "
-        f"calibrator on the same histograms. Chosen: **{record['chosen_calibrator']}**.",
-        "",
-        f"| calibrator | {metric} |",
-        "|---|---:|",
-        *(f"| {m} | {v:.4g} |" if isinstance(v, float) else f"| {m} | {v} |"
-          for m, v in record["calibrator_metrics"].items()),
-        "",
-    ]
-    if record["sensitivity"]:
-        lines += ["## Sensitivity", "", f"{metric} with only this layer quantized, most sensitive first.", "",
-                  f"| layer | {metric} | left in float |", "|---|---:|---|",
-                  *(f"| `{n}` | {v if isinstance(v, str) else f'{v:.4g}'} | "
-                    f"{'yes' if n in record['float_layers'] else ''} |" for n, v in record["sensitivity"].items()),
-                  ""]
-    lines += [
-        "## Run",
-        "",
-        f"- FP32 model: `{record['checkpoint']}`",
-        f"- BatchNorm layers folded: {len(record['folded_batchnorms'])}",
-        f"- not calibrated: {json.dumps(record['skipped'])}",
-        f"- {record['seconds']:.1f} s in ptq, {record['total_seconds']:.1f} s in all",
-        "",
-        *study.config_section(record["config"]),
-    ]
-    return "\n".join(lines)

@@ -23,7 +23,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, model_device
+from fewbit.workloads.base import (
+    Model,
+    Samples,
+    Source,
+    TrainSettings,
+    Workload,
+    batch_generator,
+    limited,
+    model_device,
+)
 from fewbit.workloads.data import speech
 from fewbit.workloads.models.quartznet import QuartzNet, QuartzNetConfig, ctc_loss, greedy_decode
 
@@ -136,30 +145,27 @@ class SpeechRecognition(Workload):
         feats, frames, targets, target_lengths = batch
         return ctc_loss(model(feats), QuartzNet.output_lengths(frames), targets, target_lengths)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.splits)}")
-        limit = self.config.eval_limit if limit is None else limit
+    def samples(self, split: str, limit: int = 0) -> UtteranceSamples:
+        self.check_split(split)
         data = self.splits[split]
-        count = min(limit, len(data)) if limit else len(data)
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
-        hyps: list[str] = [""] * count
-        loss_sum = 0.0
-        for indices in speech.batches_by_length(self.frames[split][:count], self.config.eval_batch_size):
-            feats, frames, targets, target_lengths = (t.to(device) for t in self._encode(
-                [data.waveform(i) for i in indices], [data.transcripts[i] for i in indices]))
-            logits = model(feats)
-            lengths = QuartzNet.output_lengths(frames)
-            loss_sum += float(ctc_loss(logits, lengths, targets, target_lengths)) * len(indices)
-            for i, ids in zip(indices, greedy_decode(logits, lengths), strict=True):
-                hyps[i] = speech.decode(ids)
-        model.train(was_training)
-        rates = speech.error_rates(data.transcripts[:count], hyps)
-        return {"wer": 100.0 * rates["wer"], "cer": 100.0 * rates["cer"], "loss": loss_sum / count,
-                "utterances": float(count)}
+        count = limited(split, len(data), limit)
+        return UtteranceSamples(split, self, data, self.frames[split][:count])
+
+    def predict(self, model: Model, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, float]]:
+        """Per utterance: (greedy CTC transcript, CTC loss of the reference divided by its length). ``inputs`` as
+        :meth:`batch` gives them; decoding reads only the features, the targets are there for the loss."""
+        feats, frames, targets, target_lengths = (t.to(model_device(model)) for t in inputs)
+        logits = model(feats)
+        lengths = QuartzNet.output_lengths(frames)
+        losses = ctc_loss(logits, lengths, targets, target_lengths, reduction="none")
+        return [(speech.decode(ids), loss)
+                for ids, loss in zip(greedy_decode(logits, lengths), losses.tolist(), strict=True)]
+
+    def score(self, outputs, references) -> dict[str, float]:
+        """Word and character error rates in percent (jiwer) and the mean per-utterance CTC loss."""
+        rates = speech.error_rates(list(references), [o[0] for o in outputs])
+        return {"wer": 100.0 * rates["wer"], "cer": 100.0 * rates["cer"],
+                "loss": sum(o[1] for o in outputs) / len(outputs), "utterances": float(len(outputs))}
 
     def transcribe(self, model: nn.Module, split: str = "test", n: int = 3) -> list[tuple[str, str]]:
         """(reference, hypothesis) for the first ``n`` utterances of a split."""
@@ -172,4 +178,29 @@ class SpeechRecognition(Workload):
         return [(data.transcripts[i], speech.decode(ids)) for i, ids in enumerate(decoded)]
 
 
-__all__ = ["ASRConfig", "SpeechRecognition"]
+@dataclass
+class UtteranceSamples(Samples):
+    """The first ``len(frames)`` utterances of a split, as features with their transcripts."""
+
+    split: str
+    workload: SpeechRecognition
+    data: speech.SpeechSplit
+    frames: list[int]
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def inputs(self, indices) -> tuple[torch.Tensor, ...]:
+        """(features (B, n_mels, T), frames (B,), targets, target lengths (B,)), as :meth:`batch` gives them."""
+        return self.workload._encode([self.data.waveform(i) for i in indices],
+                                     [self.data.transcripts[i] for i in indices])
+
+    def references(self, indices) -> list[str]:
+        return [self.data.transcripts[i] for i in indices]
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """Utterances of similar length together (less padding)."""
+        return speech.batches_by_length(self.frames, batch_size)
+
+
+__all__ = ["ASRConfig", "SpeechRecognition", "UtteranceSamples"]

@@ -7,15 +7,28 @@ dataclass (its ``Config``, which extends :class:`TrainSettings`). Configs are fl
 the valid keys.
 
 An instance is built from one config, prepares its data once (:meth:`Workload.setup`, cached on disk), and then
-serves the training loop (:meth:`build_model`, :meth:`batch`, :meth:`loss`) and evaluation (:meth:`evaluate`).
+serves the training loop (:meth:`build_model`, :meth:`batch`, :meth:`loss`) and evaluation.
+
+**Evaluation** is three pieces, the same three an inference harness needs (MLPerf LoadGen's query sample library,
+system under test and accuracy script):
+
+- :meth:`Workload.samples` — the examples of a split as :class:`Samples`: loadable by index, with references;
+- :meth:`Workload.predict` — a batch of inputs through a model to one output per example;
+- :meth:`Workload.score` — the outputs against the references: the metrics.
+
+:meth:`Workload.evaluate` is the one template over them (split check, ``limit``, batching, eval mode and no-grad
+restored afterwards). The model may be an ``nn.Module`` or any callable from inputs to outputs (an onnxruntime
+session wrapped by :func:`fewbit.export.onnx_runner`): nothing needs to pretend to be a module.
 """
 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import types
 import typing
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -82,6 +95,61 @@ class TrainSettings:
             raise ValueError(f"lr={self.lr} must be > 0")
 
 
+Model = nn.Module | Callable[[Any], Any]
+"""What evaluation runs: a module, or any callable from a batch of inputs to a batch of outputs."""
+
+
+class Samples(abc.ABC):
+    """The evaluation examples of one split, loadable by index (positions ``0 .. len - 1``).
+
+    :meth:`inputs` collates the chosen examples into one batch of model inputs (CPU tensors); :meth:`references`
+    gives what :meth:`Workload.score` compares the outputs with; :meth:`batches` is the order evaluation reads them
+    in (sequence workloads group similar lengths, so less padding)."""
+
+    split: str
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    @abc.abstractmethod
+    def inputs(self, indices: Sequence[int]) -> Any:
+        """One batch of model inputs for the examples at ``indices``."""
+
+    @abc.abstractmethod
+    def references(self, indices: Sequence[int]) -> list[Any]:
+        """The reference of each example at ``indices``, in order."""
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """Every index once, in batches of at most ``batch_size``; consecutive unless a workload says otherwise."""
+        return [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
+
+
+def evaluate_samples(model: Model, samples: Samples, predict: Callable[[Model, Any], Sequence[Any]],
+                     score: Callable[[Sequence[Any], Sequence[Any]], dict[str, float]],
+                     batch_size: int) -> dict[str, float]:
+    """``score`` of ``predict``'s outputs on every example of ``samples``, read in ``samples.batches(batch_size)``,
+    under :func:`evaluating` (eval mode and no autograd; the module's mode restored)."""
+    if len(samples) == 0:
+        raise ValueError(f"the {samples.split} split has no examples to evaluate")
+    outputs: list[Any] = [None] * len(samples)
+    with evaluating(model):
+        for indices in samples.batches(batch_size):
+            batch = predict(model, samples.inputs(indices))
+            if len(batch) != len(indices):
+                raise RuntimeError(f"predict returned {len(batch)} outputs for {len(indices)} inputs")
+            for i, output in zip(indices, batch, strict=True):
+                outputs[i] = output
+    return score(outputs, samples.references(range(len(samples))))
+
+
+def limited(split: str, count: int, limit: int) -> int:
+    """How many of a split's ``count`` examples an evaluation reads: all for ``limit`` 0, else the first ``limit``
+    (a negative limit is an error rather than a count from the end)."""
+    if limit < 0:
+        raise ValueError(f"limit={limit}; use 0 for the whole {split} split or N > 0 for its first N examples")
+    return min(limit, count) if limit else count
+
+
 class Workload(abc.ABC):
     """A reference task. Subclasses set the class attributes and implement the abstract methods."""
 
@@ -134,15 +202,50 @@ class Workload(abc.ABC):
     def loss(self, model: nn.Module, batch: Any) -> torch.Tensor:
         """Scalar training loss of ``model`` on ``batch``."""
 
+    # -- evaluation --------------------------------------------------------------------------------------------
+    splits: ClassVar[tuple[str, ...]] = ("valid", "test")  # the splits evaluation reads
+
     @abc.abstractmethod
-    def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
-        """Metrics of ``model`` on a split ("valid" or "test"); includes :attr:`metric`. ``limit`` caps the
-        examples read (None: ``config.eval_limit``; 0: all)."""
+    def samples(self, split: str, limit: int = 0) -> Samples:
+        """The examples of ``split``, the first ``limit`` of them (0: all). Call :meth:`check_split` first."""
+
+    @abc.abstractmethod
+    def predict(self, model: Model, inputs: Any) -> Sequence[Any]:
+        """One output per example of a batch of ``inputs`` (from :meth:`Samples.inputs`). Runs as evaluation
+        calls it: the module in eval mode, no autograd."""
+
+    @abc.abstractmethod
+    def score(self, outputs: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
+        """The metrics of ``outputs`` against ``references`` (one each per example, in the same order); includes
+        :attr:`metric`."""
+
+    @property
+    def eval_batch_size(self) -> int:
+        """Examples per evaluation batch: the config's ``eval_batch_size`` where it has one."""
+        return getattr(self.config, "eval_batch_size", self.config.batch_size)
+
+    def check_split(self, split: str) -> None:
+        """A ValueError naming the valid splits unless ``split`` is one of :attr:`splits`."""
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.splits)}")
+
+    def evaluate(self, model: Model, split: str = "valid", limit: int | None = None) -> dict[str, float]:
+        """Metrics of ``model`` on ``split`` ("valid" or "test"); includes :attr:`metric`. ``limit`` caps the
+        examples read (None: ``config.eval_limit``; 0: all). A module is evaluated in eval mode without autograd
+        and left in the mode it was in."""
+        self.check_split(split)
+        samples = self.samples(split, self.config.eval_limit if limit is None else limit)
+        return evaluate_samples(model, samples, self.predict, self.score, self.eval_batch_size)
 
     def example_input(self) -> torch.Tensor | None:
         """One input batch for exporting the model as a single forward with only the batch dimension varying
         (``fewbit ptq --onnx``), or None where the model is not used that way (decoding loops, varying lengths)."""
         return None
+
+    def data_key(self) -> dict[str, Any]:
+        """What the config alone does not say about the data this machine will give (e.g. which source ``auto``
+        picks), for cache keys; cheap, without loading the data."""
+        return {}
 
     def artifacts(self) -> dict[str, bytes]:
         """Files a trained run keeps beside its weights so it can be evaluated later (e.g. a tokenizer)."""
@@ -260,8 +363,26 @@ def to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def model_device(model: Model) -> torch.device:
+    """Where ``model``'s parameters (or buffers) are; CPU for a callable that is not a module, or has neither."""
+    if isinstance(model, nn.Module):
+        for tensor in (*model.parameters(), *model.buffers()):
+            return tensor.device
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def evaluating(model: Model) -> Iterator[None]:
+    """No autograd and, for a module, eval mode; the module's own mode comes back afterwards (also on error)."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -9,7 +9,8 @@ Data, by ``source`` (:mod:`fewbit.workloads.data.text`):
 
 Tokens are bytes (vocabulary 256): no tokenizer to train or ship, and perplexity, nats and bits per byte compare
 across configs. The metric is the perplexity of the valid or test split read in non-overlapping windows of
-``block_size`` tokens (:func:`fewbit.workloads.data.text.evaluate`); ``eval_limit`` caps the tokens read (0: all).
+``block_size`` tokens (:class:`fewbit.workloads.data.text.TokenWindows`); ``eval_limit`` caps the tokens read
+(0: all).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fewbit.workloads.base import Source, TrainSettings, Workload, model_device, unwrap
+from fewbit.workloads.base import Model, Source, TrainSettings, Workload, model_device, unwrap
 from fewbit.workloads.data import bible, text
 from fewbit.workloads.models.gpt import GPT, GPTConfig
 
@@ -90,13 +91,19 @@ class LanguageModel(Workload):
         ids, targets = batch
         return unwrap(model).loss(ids, targets)
 
-    def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
-        c = self.config
-        if split not in self.splits:
-            raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.splits)}")
-        limit = c.eval_limit if limit is None else limit
-        return text.evaluate(model, self.splits[split], c.block_size, c.eval_batch_size, max_tokens=limit,
-                             device=model_device(model))
+    def samples(self, split: str, limit: int = 0) -> text.TokenWindows:
+        """The split read once in non-overlapping windows; ``limit`` counts tokens (0: all)."""
+        self.check_split(split)
+        if limit < 0:
+            raise ValueError(f"limit={limit}; use 0 for the whole {split} split or N > 0 for its first N tokens")
+        return text.TokenWindows(split, self.splits[split], self.config.block_size, limit)
+
+    def predict(self, model: Model, inputs: torch.Tensor) -> list[float]:
+        """The negative log-likelihood (nats, summed) of each window's tokens after its first."""
+        return text.window_nll(model, inputs)
+
+    def score(self, outputs, references) -> dict[str, float]:
+        return text.nll_metrics(outputs, references)
 
     def sample(self, model: nn.Module, prompt: str = "def ", n: int = 200, seed: int = 0) -> str:
         """``n`` bytes generated after ``prompt`` (top-k 40 sampling), as text."""

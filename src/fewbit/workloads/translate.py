@@ -18,9 +18,21 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, installed, model_device, unwrap
+from fewbit.workloads.base import (
+    Model,
+    Samples,
+    Source,
+    TrainSettings,
+    Workload,
+    batch_generator,
+    installed,
+    limited,
+    model_device,
+    unwrap,
+)
 from fewbit.workloads.data import numbers, tokenizer
 from fewbit.workloads.data.tokenizer import BOS, EOS, PAD
 from fewbit.workloads.models.transformer import Seq2SeqTransformer, TransformerConfig
@@ -132,44 +144,44 @@ class Translate(Workload):
     def artifacts(self) -> dict[str, bytes]:
         return {"tokenizer.model": self.tokenizer.model_bytes}
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
-        import sacrebleu
-
-        c = self.config
+    def samples(self, split: str, limit: int = 0) -> PairSamples:
+        self.check_split(split)
         rows = self.splits[split]
-        limit = c.eval_limit if limit is None else limit
-        if limit:
-            rows = rows[:limit]
-        was_training = model.training
-        model.eval()
+        return PairSamples(split, rows[:limited(split, len(rows), limit)])
+
+    def predict(self, model: Model, inputs: tuple[torch.Tensor, torch.Tensor]) -> list[tuple[str, float, int]]:
+        """Per sentence: (translation, teacher-forced negative log-likelihood of the reference in nats, reference
+        tokens). ``inputs`` = (source ids, reference ids), both padded; decoding reads only the source, the
+        reference is there for the teacher-forced loss. Greedy (``beam=1``) or beam search, at most ``max_len``
+        tokens and at most twice the longest source plus 8."""
+        c = self.config
         net = unwrap(model)
         device = model_device(model)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths batch together
-        hyps: list[str] = [""] * len(rows)
-        loss_sum, tokens = 0.0, 0
-        for start in range(0, len(order), c.eval_batch_size):
-            idx = order[start:start + c.eval_batch_size]
-            src, tgt = _pad([rows[i][0] for i in idx]).to(device), _pad([rows[i][1] for i in idx]).to(device)
-            n = int((tgt[:, 1:] != PAD).sum())
-            loss_sum += float(net.loss(src, tgt)) * n
-            tokens += n
-            longest = max(len(rows[i][1]) for i in idx)
-            limit_len = min(c.max_len + 1, 2 * longest + 8)
-            out = (net.greedy(src, max_len=limit_len) if c.beam == 1 else
-                   net.beam_search(src, beam=c.beam, max_len=limit_len, length_penalty=c.length_penalty))
-            for i, ids in zip(idx, out.tolist(), strict=True):
-                hyps[i] = self.tokenizer.decode(ids)
-        model.train(was_training)
-        refs = [r[2] for r in rows]
-        loss = loss_sum / max(tokens, 1)
+        src, tgt = (t.to(device) for t in inputs)
+        logits = net(src, tgt[:, :-1]).float()
+        nll = F.cross_entropy(logits.transpose(1, 2), tgt[:, 1:], ignore_index=PAD, reduction="none")  # (B, T)
+        counts = (tgt[:, 1:] != PAD).sum(-1)
+        longest = int((src != PAD).sum(-1).max())
+        limit_len = min(c.max_len + 1, 2 * longest + 8)
+        out = (net.greedy(src, max_len=limit_len) if c.beam == 1 else
+               net.beam_search(src, beam=c.beam, max_len=limit_len, length_penalty=c.length_penalty))
+        return [(self.tokenizer.decode(ids), loss, n)
+                for ids, loss, n in zip(out.tolist(), nll.sum(-1).tolist(), counts.tolist(), strict=True)]
+
+    def score(self, outputs, references) -> dict[str, float]:
+        """Corpus BLEU and chrF (sacrebleu), the share translated exactly, and the teacher-forced loss per
+        reference token (and its exp, ``ppl``)."""
+        import sacrebleu
+
+        hyps = [o[0] for o in outputs]
+        loss = sum(o[1] for o in outputs) / max(sum(o[2] for o in outputs), 1)
         return {
-            "bleu": sacrebleu.corpus_bleu(hyps, [refs]).score,
-            "chrf": sacrebleu.corpus_chrf(hyps, [refs]).score,
-            "exact": sum(h == r for h, r in zip(hyps, refs, strict=True)) / len(refs),
+            "bleu": sacrebleu.corpus_bleu(hyps, [list(references)]).score,
+            "chrf": sacrebleu.corpus_chrf(hyps, [list(references)]).score,
+            "exact": sum(h == r for h, r in zip(hyps, references, strict=True)) / len(references),
             "loss": loss,
             "ppl": math.exp(min(loss, 50.0)),
-            "sentences": float(len(rows)),
+            "sentences": float(len(references)),
         }
 
     def examples(self, model: nn.Module, n: int = 3, split: str = "test") -> list[tuple[str, str, str]]:
@@ -181,9 +193,32 @@ class Translate(Workload):
                 for r, ids in zip(rows, out.tolist(), strict=True)]
 
 
+@dataclass
+class PairSamples(Samples):
+    """Sentence pairs: (source ids, reference ids with BOS and EOS, reference text) per row."""
+
+    split: str
+    rows: list[tuple[list[int], list[int], str]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def inputs(self, indices) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source ids (B, S), reference ids (B, T)), padded with PAD."""
+        return _pad([self.rows[i][0] for i in indices]), _pad([self.rows[i][1] for i in indices])
+
+    def references(self, indices) -> list[str]:
+        return [self.rows[i][2] for i in indices]
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """Sentences of similar source length together (less padding)."""
+        order = sorted(range(len(self.rows)), key=lambda i: len(self.rows[i][0]))
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
 def _pad(seqs: list[list[int]]) -> torch.Tensor:
     width = max(len(s) for s in seqs)
     return torch.tensor([s + [PAD] * (width - len(s)) for s in seqs])
 
 
-__all__ = ["BOS", "EOS", "Translate", "TranslateConfig"]
+__all__ = ["BOS", "EOS", "PairSamples", "Translate", "TranslateConfig"]

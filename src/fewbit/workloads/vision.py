@@ -24,7 +24,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fewbit.workloads.base import Source, TrainSettings, Workload, batch_generator, installed, model_device
+from fewbit.workloads.base import (
+    Model,
+    Samples,
+    Source,
+    TrainSettings,
+    Workload,
+    batch_generator,
+    installed,
+    limited,
+    model_device,
+)
 from fewbit.workloads.data import images
 from fewbit.workloads.models import cnn
 
@@ -36,7 +46,7 @@ class VisionConfig(TrainSettings):
     width: float = 1.0
     blocks: int = 2  # resnet: blocks per stage (three stages)
     stem_stride: int = 1  # mobilenet_v2: 2 halves the resolution at the stem
-    valid_size: int = 5000
+    valid_size: int = 0  # images moved from train to valid; 0: a twelfth of the source's (5,000 of Fashion-MNIST)
     train_limit: int = 0  # keep only this many training images (0: all)
     max_shift: int = 2  # augmentation: random shifts of up to this many pixels
     flip: bool = True  # augmentation: mirror images, where the data set allows it (clothing yes, digits no)
@@ -52,8 +62,9 @@ class VisionConfig(TrainSettings):
         if not self.width > 0 or self.blocks < 1 or self.stem_stride < 1 or self.eval_batch_size < 1:
             raise ValueError(f"width={self.width}, blocks={self.blocks}, stem_stride={self.stem_stride} and "
                              f"eval_batch_size={self.eval_batch_size} must be positive")
-        if self.train_limit < 0 or self.max_shift < 0:
-            raise ValueError(f"train_limit={self.train_limit} and max_shift={self.max_shift} must be >= 0")
+        if self.train_limit < 0 or self.max_shift < 0 or self.valid_size < 0:
+            raise ValueError(f"train_limit={self.train_limit}, max_shift={self.max_shift} and valid_size="
+                             f"{self.valid_size} must be >= 0")
 
 
 class Vision(Workload):
@@ -67,7 +78,7 @@ class Vision(Workload):
     @classmethod
     def sources(cls) -> list[Source]:
         return [
-            Source("fashion-mnist", f"Fashion-MNIST, Debian files in {images.FASHION_MNIST_DIR}",
+            Source("fashion-mnist", f"Fashion-MNIST, Debian files in {images.default_root()}",
                    images.available_source() == "fashion-mnist", images.INSTALL_HINT),
             Source("digits", "scikit-learn's 8x8 digits (fallback: a much easier task)", installed("sklearn"),
                    "pip install scikit-learn"),
@@ -79,10 +90,16 @@ class Vision(Workload):
             self.require_source(c.source)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            self.data = images.load(images.ImageSpec(source=c.source, valid_size=c.valid_size,
+            self.data = images.load(images.ImageSpec(source=c.source, valid_size=c.valid_size or None,
                                                      train_limit=c.train_limit or None, seed=c.seed))
         for warning in caught:  # the digits fallback: say it where people look, every time
             _loud(str(warning.message))
+
+    def data_key(self) -> dict:
+        """``source=auto`` means Fashion-MNIST or the digits, whichever this machine has: a cached baseline names
+        the one it was trained on."""
+        source = self.config.source
+        return {"source": images.available_source() if source == "auto" else source}
 
     def info(self) -> dict:
         d = self.data
@@ -111,26 +128,39 @@ class Vision(Workload):
         x, y = batch
         return F.cross_entropy(model(x).float(), y, label_smoothing=self.config.label_smoothing)
 
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str = "valid", limit: int | None = None) -> dict[str, float]:
-        if split not in self.data.images:
-            raise ValueError(f"unknown split {split!r}; valid: {', '.join(self.data.images)}")
-        limit = self.config.eval_limit if limit is None else limit
+    def samples(self, split: str, limit: int = 0) -> ImageSamples:
+        self.check_split(split)
         x, y = self.data.images[split], self.data.labels[split]
-        if limit:
-            x, y = x[:limit], y[:limit]
-        was_training = model.training
-        model.eval()
-        device = model_device(model)
-        correct, loss_sum = 0, 0.0
-        for start in range(0, len(x), self.config.eval_batch_size):
-            xb = x[start:start + self.config.eval_batch_size].to(device)
-            yb = y[start:start + self.config.eval_batch_size].to(device)
-            logits = model(xb).float()
-            correct += int((logits.argmax(-1) == yb).sum())
-            loss_sum += float(F.cross_entropy(logits, yb, reduction="sum"))
-        model.train(was_training)
-        return {"accuracy": 100.0 * correct / len(x), "loss": loss_sum / len(x), "images": float(len(x))}
+        count = limited(split, len(x), limit)
+        return ImageSamples(split, x[:count], y[:count])
+
+    def predict(self, model: Model, inputs: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes), float32 on the CPU."""
+        return model(inputs.to(model_device(model))).float().cpu()
+
+    def score(self, outputs, references) -> dict[str, float]:
+        logits, labels = torch.stack(list(outputs)), torch.as_tensor(references)
+        correct = int((logits.argmax(-1) == labels).sum())
+        loss = float(F.cross_entropy(logits.double(), labels, reduction="sum"))
+        return {"accuracy": 100.0 * correct / len(labels), "loss": loss / len(labels), "images": float(len(labels))}
+
+
+@dataclass
+class ImageSamples(Samples):
+    """Images (N, C, H, W) with their class labels."""
+
+    split: str
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def inputs(self, indices) -> torch.Tensor:
+        return self.images[torch.as_tensor(list(indices), dtype=torch.long)]
+
+    def references(self, indices) -> list[int]:
+        return self.labels[torch.as_tensor(list(indices), dtype=torch.long)].tolist()
 
 
 def _loud(message: str) -> None:
@@ -139,4 +169,4 @@ def _loud(message: str) -> None:
     Console(stderr=True).print(f"[bold yellow]WARNING:[/] {message}")
 
 
-__all__ = ["Vision", "VisionConfig"]
+__all__ = ["ImageSamples", "Vision", "VisionConfig"]

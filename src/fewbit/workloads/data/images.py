@@ -30,6 +30,13 @@ import torch
 from fewbit.workloads.base import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+ROOT_VARIABLE = "FEWBIT_FASHION_MNIST_DIR"  # where to look instead (an empty folder hides the Debian files)
+VALID_SHARE = 12  # valid_size None: a twelfth of the training images (5,000 of Fashion-MNIST's 60,000)
+
+
+def default_root() -> Path:
+    """Where Fashion-MNIST is looked for: ``$FEWBIT_FASHION_MNIST_DIR`` if set, else Debian's folder."""
+    return Path(os.environ.get(ROOT_VARIABLE) or FASHION_MNIST_DIR)
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -85,9 +92,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
-def fashion_mnist_paths(root: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str, Path]:
-    """The four IDX files under ``root`` (``name`` or ``name.gz``, whichever exists; ``.gz`` when neither does)."""
-    root = Path(root)
+def fashion_mnist_paths(root: str | os.PathLike | None = None) -> dict[str, Path]:
+    """The four IDX files under ``root`` (None: :func:`default_root`) (``name`` or ``name.gz``, whichever exists;
+    ``.gz`` when neither does)."""
+    root = Path(root) if root is not None else default_root()
     paths = {}
     for key, name in FASHION_MNIST_FILES.items():
         plain = root / name
@@ -95,7 +103,7 @@ def fashion_mnist_paths(root: str | os.PathLike = FASHION_MNIST_DIR) -> dict[str
     return paths
 
 
-def available_source(root: str | os.PathLike = FASHION_MNIST_DIR) -> str:
+def available_source(root: str | os.PathLike | None = None) -> str:
     """``"fashion-mnist"`` when its four files exist under ``root`` (their contents are checked at load time),
     else ``"digits"`` (scikit-learn's 8x8 digits)."""
     return "fashion-mnist" if all(p.exists() for p in fashion_mnist_paths(root).values()) else "digits"
@@ -105,20 +113,21 @@ def available_source(root: str | os.PathLike = FASHION_MNIST_DIR) -> str:
 class ImageSpec:
     """What to load. ``source``: ``"auto"`` (Fashion-MNIST if installed, else digits with a warning),
     ``"fashion-mnist"`` (an error if missing) or ``"digits"``. ``valid_size``: images moved from train to valid
-    (for digits, ``test_size`` images are carved first, since it has no test split). ``train_limit`` keeps only the
-    first n training images after the split (None: all), for quick runs."""
+    (None: a twelfth of the source's training images, 5,000 for Fashion-MNIST and 119 for the digits; for digits,
+    ``test_size`` images are carved first, since it has no test split). ``train_limit`` keeps only the first n
+    training images after the split (None: all), for quick runs. ``root``: None looks in :func:`default_root`."""
 
     source: str = "auto"
-    valid_size: int = 5000
+    valid_size: int | None = None
     test_size: int = 360
     train_limit: int | None = None
     seed: int = 0
-    root: str = str(FASHION_MNIST_DIR)
+    root: str | None = None
 
     def __post_init__(self) -> None:
         if self.source not in SOURCES:
             raise ValueError(f"source={self.source!r}; valid: {', '.join(SOURCES)}")
-        if self.valid_size < 0 or self.test_size < 0:
+        if (self.valid_size is not None and self.valid_size < 0) or self.test_size < 0:
             raise ValueError(f"valid_size={self.valid_size} and test_size={self.test_size} must be >= 0")
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"train_limit={self.train_limit}; use None for all images or a positive count")
@@ -177,25 +186,27 @@ def load(spec: ImageSpec | None = None) -> ImageData:
     truncated file is still an error: a broken install should be fixed, not papered over).
     """
     spec = spec or ImageSpec()
+    root = Path(spec.root) if spec.root is not None else default_root()
     rng = np.random.default_rng(spec.seed)
     source = spec.source
     if source == "auto":
-        source = available_source(spec.root)
+        source = available_source(root)
         if source == "digits":
-            warnings.warn(f"Fashion-MNIST is not installed under {spec.root}: falling back to scikit-learn's 8x8 "
+            warnings.warn(f"Fashion-MNIST is not installed under {root}: falling back to scikit-learn's 8x8 "
                           f"digits, a much smaller and easier task whose accuracy is NOT comparable. Install it with "
                           f"`{INSTALL_HINT}`.", UserWarning, stacklevel=2)
     if source == "fashion-mnist":
-        train_x, train_y, test_x, test_y = _read_fashion_mnist(spec.root)
+        train_x, train_y, test_x, test_y = _read_fashion_mnist(root)
         classes, flip_ok = FASHION_MNIST_CLASSES, True
     else:
         train_x, train_y, test_x, test_y = _read_digits(spec, rng)
         classes, flip_ok = DIGITS_CLASSES, False
-    if spec.valid_size >= len(train_x):
-        raise ValueError(f"valid_size={spec.valid_size} leaves no training images (the {source} training split "
-                         f"has {len(train_x)})")
+    valid_size = len(train_x) // VALID_SHARE if spec.valid_size is None else spec.valid_size
+    if valid_size >= len(train_x):
+        raise ValueError(f"valid_size={valid_size} leaves no training images (the {source} training split has "
+                         f"{len(train_x)}); use a smaller valid_size, or 0 for a twelfth of the training images")
     order = rng.permutation(len(train_x))
-    valid, train = order[:spec.valid_size], order[spec.valid_size:]
+    valid, train = order[:valid_size], order[valid_size:]
     if spec.train_limit is not None:
         train = train[:spec.train_limit]
     raw = {"train": (train_x[train], train_y[train]), "valid": (train_x[valid], train_y[valid]),

@@ -17,7 +17,7 @@ versions, so the cache key holds the Python version and the library's path next 
 on two machines means the same files, not necessarily the same bytes (a distribution may patch its library).
 
 Training reads random windows (:func:`sample_batch`); evaluation reads the split once in non-overlapping windows
-(:func:`evaluate`), so each token is predicted from 0 to ``block_size - 1`` tokens of context: the numbers are
+(:class:`TokenWindows`), so each token is predicted from 0 to ``block_size - 1`` tokens of context: the numbers are
 somewhat worse than a sliding-window evaluation would give, and comparable between runs with the same block size.
 """
 
@@ -28,15 +28,15 @@ import json
 import math
 import sys
 import sysconfig
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from fewbit.atomic import write_bytes, write_text
+from fewbit.workloads.base import Samples, evaluate_samples, model_device
 from fewbit.workloads.data.cache import keyed_dir, split_of
 
 SPLITS = ("train", "valid", "test")
@@ -166,36 +166,64 @@ def sample_batch(tokens: torch.Tensor, batch_size: int, block_size: int, step: i
     return windows[:, :-1], windows[:, 1:]
 
 
-@torch.no_grad()
-def evaluate(model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, block_size: int,
-             batch_size: int = 32, max_tokens: int = 0, device: torch.device | str | None = None) -> dict[str, float]:
-    """Mean negative log-likelihood of ``tokens`` under ``model`` (ids (B, T) -> logits (B, T, V)), read once in
-    non-overlapping windows of ``block_size + 1`` tokens (the last one may be shorter); ``max_tokens`` > 0 reads
-    only the first that many tokens. A module is put in eval mode for the call and restored after.
+@dataclass
+class TokenWindows(Samples):
+    """A token stream read once in non-overlapping windows of ``block_size + 1`` tokens (window ``i`` starts at
+    ``i * block_size``; the last may be shorter): every token after the first is predicted exactly once, from 0 to
+    ``block_size - 1`` tokens of context. ``count`` > 0 reads only the first ``count`` tokens."""
 
-    Returns ``nll`` (nats per token), ``perplexity`` (exp nll), ``bits_per_byte`` (nll / ln 2: a token is a byte)
-    and ``tokens`` (how many were predicted)."""
-    n = tokens.numel() if not max_tokens else min(tokens.numel(), max_tokens)
-    if n < 2:
-        raise ValueError(f"{n} tokens: evaluation needs at least 2 (one to read, one to predict)")
-    full = (n - 1) // block_size
-    starts = torch.arange(full) * block_size
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    total = 0.0
-    try:
-        batches = [starts[i : i + batch_size] for i in range(0, full, batch_size)]
-        windows = [tokens[b[:, None] + torch.arange(block_size + 1)] for b in batches]
-        if full * block_size < n - 1:  # the tail, shorter than a window
-            windows.append(tokens[full * block_size : n][None])
-        for window in windows:
-            window = window.long().to(device) if device is not None else window.long()
-            logits = model(window[:, :-1])
-            total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), window[:, 1:].reshape(-1),
-                                     reduction="sum").item()
-    finally:
-        if was_training:
-            model.train()
-    nll = total / (n - 1)
-    return {"nll": nll, "perplexity": math.exp(nll), "bits_per_byte": nll / math.log(2), "tokens": n - 1}
+    split: str
+    tokens: torch.Tensor
+    block_size: int
+    count: int = 0
+
+    def __post_init__(self) -> None:
+        self.count = self.tokens.numel() if not self.count else min(self.tokens.numel(), self.count)
+        if self.count < 2:
+            raise ValueError(f"{self.count} tokens: evaluation needs at least 2 (one to read, one to predict)")
+        self.full = (self.count - 1) // self.block_size
+        self.tail = self.full * self.block_size < self.count - 1
+
+    def __len__(self) -> int:
+        return self.full + self.tail
+
+    def _window(self, i: int) -> torch.Tensor:
+        start = i * self.block_size
+        return self.tokens[start:min(start + self.block_size + 1, self.count)]
+
+    def inputs(self, indices) -> torch.Tensor:
+        """(B, L) int64 windows; a batch never mixes the short tail with full windows (:meth:`batches`)."""
+        return torch.stack([self._window(i) for i in indices]).long()
+
+    def references(self, indices) -> list[int]:
+        """Tokens predicted in each window (its length - 1)."""
+        return [self._window(i).numel() - 1 for i in indices]
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        full = [list(range(i, min(i + batch_size, self.full))) for i in range(0, self.full, batch_size)]
+        return full + ([[self.full]] if self.tail else [])
+
+
+def window_nll(model: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> list[float]:
+    """Negative log-likelihood (nats, summed) of each window's tokens after its first under ``model`` (ids (B, T)
+    -> logits (B, T, V)), one per window."""
+    windows = windows.to(model_device(model))
+    logits = model(windows[:, :-1]).float()
+    nll = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none")  # (B, T)
+    return nll.sum(-1).tolist()
+
+
+def nll_metrics(outputs: Sequence[float], references: Sequence[int]) -> dict[str, float]:
+    """``nll`` (nats per token), ``perplexity`` (exp nll), ``bits_per_byte`` (nll / ln 2: a token is a byte) and
+    ``tokens`` (how many were predicted) from per-window NLL sums and predicted-token counts."""
+    tokens = sum(references)
+    nll = sum(outputs) / tokens
+    return {"nll": nll, "perplexity": math.exp(nll), "bits_per_byte": nll / math.log(2), "tokens": tokens}
+
+
+def evaluate(model: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor, block_size: int,
+             batch_size: int = 32, max_tokens: int = 0) -> dict[str, float]:
+    """:func:`nll_metrics` of ``model`` on ``tokens`` read as :class:`TokenWindows` (``max_tokens`` > 0: only the
+    first that many tokens). A module is put in eval mode for the call and restored after."""
+    samples = TokenWindows("tokens", tokens, block_size, max_tokens)
+    return evaluate_samples(model, samples, window_nll, nll_metrics, batch_size)

@@ -120,8 +120,9 @@ class QuartzNet(nn.Module):
 
 
 def ctc_loss(logits: torch.Tensor, logit_lengths: torch.Tensor, targets: list[list[int]] | torch.Tensor,
-             target_lengths: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean CTC loss (each utterance's negative log-likelihood divided by its target length, then averaged).
+             target_lengths: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+    """Mean CTC loss (each utterance's negative log-likelihood divided by its target length, then averaged);
+    ``reduction="none"``: the per-utterance values (B,) before the average.
 
     ``logits`` (B, V, T) as the model returns them (blank = 0); ``targets`` a list of id lists (no blanks), or a
     padded (B, S) tensor with ``target_lengths``. Utterances too short for their target (fewer frames than
@@ -134,8 +135,12 @@ def ctc_loss(logits: torch.Tensor, logit_lengths: torch.Tensor, targets: list[li
     elif target_lengths is None:
         raise ValueError("a padded targets tensor needs target_lengths")
     log_probs = logits.float().log_softmax(dim=1).permute(2, 0, 1)  # (T, B, V), as F.ctc_loss expects
-    return F.ctc_loss(log_probs, targets, logit_lengths, target_lengths, blank=BLANK, reduction="mean",
-                      zero_infinity=True)
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction={reduction!r}; valid: mean, none")
+    losses = F.ctc_loss(log_probs, targets, logit_lengths, target_lengths, blank=BLANK, reduction=reduction,
+                        zero_infinity=True)
+    # F.ctc_loss's "mean" divides by the target lengths before averaging; "none" does not, so divide here.
+    return losses if reduction == "mean" else losses / target_lengths.clamp(min=1).to(losses.dtype)
 
 
 def greedy_decode(logits: torch.Tensor, lengths: torch.Tensor | None = None) -> list[list[int]]:

@@ -1,0 +1,249 @@
+"""The runs layer: train, save, load and evaluate runs; the cached FP32 baselines; the verbs' output folders.
+
+A run is one workload trained under one recipe, saved as a folder: ``model.safetensors`` (the float weights a
+recipe trains: its layers' high-precision parameters), ``run.json`` (workload, config, the full recipe, final
+metrics, timings, versions), the workload's artifacts (e.g. ``tokenizer.model``) and ``metrics.jsonl`` (one line
+per step). Everything is written atomically; loading never unpickles.
+
+**Evaluation under a recipe** (:func:`evaluate_model`): a copy of the float model with its layers converted by the
+recipe (``quantize_``), under ``torch.autocast`` when the recipe sets ``autocast``; parameters stored in a narrower
+``param_dtype`` are evaluated at their stored values in float32. A run's own metric is computed this way, under
+the recipe it was trained with, so ``fewbit eval`` on the saved folder gives the same number.
+
+Every verb (``study``, ``ptq``, ...) gets its models from here; no verb imports another.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fewbit import recipes as _recipes
+from fewbit.atomic import write_bytes, write_text
+from fewbit.recipes import Recipe
+from fewbit.workloads import get
+from fewbit.workloads.base import Workload, config_dict, model_device, resolve_device, to_device
+from fewbit.workloads.data.cache import keyed_dir
+
+RUN_FILE = "run.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+@dataclass
+class Run:
+    """A trained model with its workload (data prepared) and what is known about its training. ``model`` is the
+    float model (no layer converted); ``recipe`` the one it was trained under, which evaluation applies."""
+
+    workload: Workload
+    model: nn.Module
+    record: dict[str, Any]
+    path: Path | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return _recipes.get(self.record.get("recipe", "fp32"))
+
+
+def warmup_cosine(warmup: int, steps: int, min_ratio: float):
+    """LR multiplier: linear from 1/warmup to 1 over ``warmup`` steps, then cosine down to ``min_ratio``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(steps - warmup, 1)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def optimizer_for(config):
+    """``params -> optimizer`` for a workload config: its optimizer and learning rate, weight decay on matrices."""
+    def build(params):
+        params = list(params)
+        decay = [p for p in params if p.ndim >= 2]  # matrices decay; biases, norms and scales do not
+        rest = [p for p in params if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        if config.optimizer == "sgd":
+            return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, config.beta2))
+
+    return build
+
+
+def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | None = None,
+          progress: bool = True, checkpoint_every: int = 0) -> Run:
+    """Train ``workload``'s model from scratch under ``recipe`` (a preset name, a Recipe, a dict or a YAML file);
+    evaluate it on the valid split under the same recipe (:func:`evaluate_model`); save to ``out``.
+
+    ``checkpoint_every`` > 0 keeps resumable checkpoints in ``out/checkpoints`` (a rerun continues from them)."""
+    from fewbit.nn import dequantize_
+    from fewbit.train import train as train_loop
+
+    recipe = _recipes.get(recipe)
+    c = workload.config
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    device = resolve_device(c.device)
+    workload.setup()
+    model = workload.build_model().to(device)
+    out = Path(out) if out is not None else None
+    started = time.perf_counter()
+    result = train_loop(
+        model, optimizer_for(c), lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
+        steps=c.steps, precision=recipe,
+        lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup, c.steps,
+                                                                                     c.min_lr_ratio)),
+        grad_clip=c.grad_clip or None, eval_fn=lambda m: workload.evaluate(m, "valid"), eval_every=c.eval_every,
+        checkpoint_dir=out / "checkpoints" if out is not None and checkpoint_every else None,
+        checkpoint_every=checkpoint_every, log_path=out / "metrics.jsonl" if out is not None else None,
+        progress=progress, config={"workload": workload.name, **config_dict(c)},
+    )
+    train_seconds = time.perf_counter() - started
+    dequantize_(model)  # the float layers with the trained parameters; evaluation applies the recipe again
+    metrics = evaluate_model(workload, model, recipe, "valid")
+    record = {
+        "workload": workload.name,
+        "config": config_dict(c),
+        "recipe": recipe.to_dict(),
+        "metric": workload.metric,
+        "valid": metrics,
+        "train": {"steps": result.step, "seconds": round(train_seconds, 2), "skipped_steps": result.skipped_steps,
+                  "final_loss": result.losses[-1] if result.losses else None},
+        "data": workload.info(),
+        "versions": _versions(),
+    }
+    run = Run(workload, model, record, out)
+    if out is not None:
+        save(run, out)
+    return run
+
+
+def save(run: Run, out: str | Path) -> None:
+    from safetensors.torch import save
+
+    out = Path(out)
+    tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in run.model.state_dict().items()}
+    write_bytes(out / WEIGHTS_FILE, save(tensors, metadata={"workload": run.workload.name}))
+    for name, data in run.workload.artifacts().items():
+        write_bytes(out / name, data)
+    write_text(out / RUN_FILE, json.dumps(run.record, indent=2) + "\n")
+    run.path = out
+
+
+def load(path: str | Path, workload_name: str | None = None) -> Run:
+    """A saved run (its folder, or the ``model.safetensors`` inside it), its data prepared and weights loaded."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    folder = path.parent if path.is_file() else path
+    record_file = folder / RUN_FILE
+    if not record_file.is_file():
+        raise FileNotFoundError(f"{path} is not a fewbit run: no {RUN_FILE} in {folder} (make one with "
+                                "`fewbit train <workload> --out DIR`)")
+    record = json.loads(record_file.read_text())
+    if workload_name is not None and record["workload"] != workload_name:
+        raise ValueError(f"{folder} holds a {record['workload']!r} run, not {workload_name!r}")
+    cls = get(record["workload"])
+    config = cls.load_config(None, values=record["config"])
+    artifacts = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in (RUN_FILE, WEIGHTS_FILE)
+                 and p.is_file() and not p.name.endswith((".jsonl", ".json", ".png", ".md"))}
+    workload = cls(config, artifacts=artifacts).setup()
+    model = workload.build_model()
+    state = load_file(folder / WEIGHTS_FILE)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the {cls.name} model of its config: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+    return Run(workload, model, record, folder)
+
+
+def evaluate(run: Run, recipe: str | Recipe | None = None, split: str = "test",
+             limit: int | None = None) -> dict[str, float]:
+    """Metrics of the run's model on ``split`` under ``recipe`` (None: the recipe it was trained with; ``fp32``: the
+    float model), by :func:`evaluate_model`. The run's model is left untouched."""
+    return evaluate_model(run.workload, run.model, run.recipe if recipe is None else recipe, split, limit)
+
+
+def evaluate_model(workload: Workload, model: nn.Module, recipe: str | Recipe, split: str = "test",
+                   limit: int | None = None) -> dict[str, float]:
+    """``workload.evaluate`` of ``model`` as ``recipe`` computes (see the module docstring); ``model`` is left
+    untouched."""
+    recipe = _recipes.get(recipe)
+    converted = as_recipe(model, recipe)
+    with autocast(recipe, model_device(converted)):
+        return workload.evaluate(converted, split, limit)
+
+
+def as_recipe(model: nn.Module, recipe: str | Recipe) -> nn.Module:
+    """``model`` as evaluated under ``recipe``: ``model`` itself when the recipe changes nothing, else a float32
+    copy with its layers converted by ``quantize_``. (``autocast`` is a context, :func:`autocast`.)"""
+    from fewbit.nn import quantize_
+
+    recipe = _recipes.get(recipe)
+    narrow = any(p.is_floating_point() and p.dtype != torch.float32 for p in model.parameters())
+    converts = not recipe.is_identity
+    if not narrow and not converts:
+        return model
+    model = copy.deepcopy(model)
+    if narrow:
+        model.float()  # parameters stored narrower are evaluated at their stored values (exact upcast)
+    return quantize_(model, recipe) if converts else model
+
+
+def autocast(recipe: str | Recipe, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to the recipe's ``autocast`` format on ``device``; a no-op for recipes without one."""
+    recipe = _recipes.get(recipe)
+    if recipe.autocast is None:
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[recipe.autocast]
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# -- baselines and output folders ---------------------------------------------------------------------------------
+def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str] = (), retrain: bool = False,
+             progress: bool = True, log=None) -> Run:
+    """The FP32 baseline run of this config: from the cache (keyed by the workload, its full config and the
+    versions of fewbit and torch), or trained now and cached. ``log(message)`` hears which of the two happened."""
+    import fewbit
+
+    cls = get(workload_name)
+    workload = cls(cls.load_config(config, overrides))
+    key = {"workload": workload_name, "config": config_dict(workload.config), "fewbit": fewbit.__version__,
+           "torch": torch.__version__.split("+")[0]}
+    if workload.data_key():
+        key["data"] = workload.data_key()
+    folder = keyed_dir("baseline", key)
+    if not retrain and (folder / RUN_FILE).is_file():
+        if log:
+            log(f"FP32 baseline: cached in {folder}")
+        return load(folder)
+    if log:
+        log(f"FP32 baseline: training {workload_name} ({workload.config.steps} steps), saving to {folder}")
+    return train(workload, "fp32", out=folder, progress=progress)
+
+
+def default_out(root: str, workload_name: str, config: str | None, overrides: Sequence[str]) -> Path:
+    """``root/<workload>``, suffixed by a config other than quick and by the overrides, so that two variants
+    (``--model mobilenet_v2``) do not overwrite each other: ``fewbit-study/vision-model=mobilenet_v2``."""
+    parts = [workload_name]
+    if config not in (None, "quick"):
+        parts.append(Path(config).stem)
+    parts += [o.replace("/", "_").replace(" ", "") for o in overrides]
+    return Path(root) / "-".join(parts)
+
+
+def _versions() -> dict[str, str]:
+    import fewbit
+
+    return {"fewbit": fewbit.__version__, "torch": torch.__version__, "python": platform.python_version()}
