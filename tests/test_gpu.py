@@ -93,8 +93,7 @@ def test_scaled_mm_backward_equals_emulated_backward(recipe):
 @pytest.mark.parametrize("workload", ["translate", "lm"])
 def test_workload_trains_on_cuda_like_on_cpu(workload, tmp_path, monkeypatch):
     """A tiny config trained with device=cuda: same data, loss curve close to the CPU run, evaluation on CUDA."""
-    from fewbit.workloads import get
-    from fewbit.workloads import runs
+    from fewbit.workloads import get, runs
 
     monkeypatch.setenv("FEWBIT_CACHE", str(tmp_path / "cache"))
     tiny = {"translate": ["pairs=800", "vocab_size=100", "d_model=32", "heads=2", "d_ff=64", "encoder_layers=1",

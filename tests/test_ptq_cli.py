@@ -77,7 +77,7 @@ def _relative(path: str, root) -> tuple[str, ...]:
 
 
 def test_lm_lower_is_better_leaves_the_most_sensitive_layers_in_float(tmp_path, capsys, monkeypatch):
-    from fewbit.nn.modules import _Quantized
+    from fewbit.nn import QuantizedModule
     from fewbit.workloads.lm import LanguageModel
 
     # INT8 moves the perplexity of a tiny model by about 1e-5, either way. To exercise the sensitivity fallback
@@ -87,7 +87,7 @@ def test_lm_lower_is_better_leaves_the_most_sensitive_layers_in_float(tmp_path, 
 
     def costly(self, model, split="valid", limit=None):
         metrics = evaluate(self, model, split, limit)
-        quantized = [n for n, m in model.named_modules() if isinstance(m, _Quantized) and not m.recipe.is_identity]
+        quantized = [n for n, m in model.named_modules() if isinstance(m, QuantizedModule) and not m.recipe.is_identity]
         metrics["perplexity"] *= 1 + sum(0.01 + extra.get(n, 0.0) for n in quantized)
         return metrics
 
@@ -158,7 +158,7 @@ def test_onnx_refused_where_the_model_is_not_one_forward(capsys):
 
 
 def test_qat_fine_tunes_when_ptq_ends_beyond_tolerance(tmp_path, capsys, monkeypatch):
-    from fewbit.nn.modules import _Quantized
+    from fewbit.nn import QuantizedModule
     from fewbit.workloads.lm import LanguageModel
 
     # Each quantized layer costs 1% of perplexity (as above), so with no layer allowed in float PTQ ends beyond
@@ -167,7 +167,7 @@ def test_qat_fine_tunes_when_ptq_ends_beyond_tolerance(tmp_path, capsys, monkeyp
 
     def costly(self, model, split="valid", limit=None):
         metrics = evaluate(self, model, split, limit)
-        quantized = [m for m in model.modules() if isinstance(m, _Quantized) and not m.recipe.is_identity]
+        quantized = [m for m in model.modules() if isinstance(m, QuantizedModule) and not m.recipe.is_identity]
         metrics["perplexity"] *= 1 + 0.01 * len(quantized)
         return metrics
 

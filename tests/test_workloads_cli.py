@@ -55,6 +55,27 @@ def test_training_under_a_recipe_is_deterministic_and_differs_from_fp32(tmp_path
     assert _losses(a) == pytest.approx(TINY_LOSSES, rel=0.02)  # MXFP8 stays close to fp32
 
 
+def test_a_recipe_file_trains_and_eval_reproduces_the_runs_metric(tmp_path, capsys):
+    from fewbit import recipes
+
+    path = tmp_path / "my_recipe.yaml"  # MXFP8 weights and inputs, FP8 E5M2 gradients per tensor: not a preset
+    path.write_text(recipes.Recipe(name="my_recipe", weight="mxfp8_e4m3", input="mxfp8_e4m3",
+                                   grad_output="fp8_e5m2_tensor").to_yaml())
+    out = tmp_path / "run"
+    assert main(["train", "translate", "--recipe", str(path), "--out", str(out), "--quiet", *TINY]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert recipes.Recipe.from_dict(record["recipe"]) == recipes.get(path)  # the full recipe, not just its name
+    assert _losses(out) != pytest.approx(TINY_LOSSES, rel=1e-7)
+    capsys.readouterr()
+    assert main(["eval", "translate", "--checkpoint", str(out), "--split", "valid", "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["recipe"] == "my_recipe (as trained)"
+    for key in ("bleu", "loss", "chrf", "exact"):
+        assert again[key] == record["valid"][key]  # the same evaluation, bit for bit
+    assert main(["eval", "translate", "--checkpoint", str(out), "--split", "valid", "--recipe", "fp32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] != record["valid"]["loss"]  # the float model differs
+
+
 def test_study_writes_table_json_report_and_plot(tmp_path, capsys):
     out = tmp_path / "study"
     argv = ["study", "translate", "--recipes", "mxfp8,mxfp4,int8", "--out", str(out), "--quiet", *TINY]

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fewbit
-from fewbit.nn.modules import _Quantized
+from fewbit.nn import QuantizedModule
 from fewbit.workloads.models import cnn
 from fewbit.workloads.models.quartznet import QuartzNet, QuartzNetConfig, ctc_loss, greedy_decode
 
@@ -66,7 +66,7 @@ def test_cnn_learns_and_quantizes(name, recipe):
     model = tiny_cnn(name).train()
     converted = fewbit.quantize_(model, recipe)
     layers = [m for m in converted.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
-    assert layers and all(isinstance(m, _Quantized) for m in layers)  # every conv and linear was reached
+    assert layers and all(isinstance(m, QuantizedModule) for m in layers)  # every conv and linear was reached
     torch.manual_seed(1)
     y = torch.randint(0, 10, (32,))
     x = torch.randn(10, 1, 12, 12)[y] + 0.5 * torch.randn(32, 1, 12, 12)  # a noisy prototype per class
@@ -115,7 +115,7 @@ def test_quartznet_learns_a_toy_alignment_and_quantizes(recipe):
     with blanks between; after training, greedy decoding reads the targets back."""
     torch.manual_seed(0)
     model = fewbit.quantize_(QuartzNet(TINY_QUARTZNET), recipe)
-    assert all(isinstance(m, _Quantized) for m in model.modules() if isinstance(m, nn.Conv1d))
+    assert all(isinstance(m, QuantizedModule) for m in model.modules() if isinstance(m, nn.Conv1d))
     targets = [[1, 2, 3], [4, 4, 5], [2, 5], [3, 1, 4, 2]]
     features = torch.zeros(len(targets), 16, 32)
     for b, target in enumerate(targets):

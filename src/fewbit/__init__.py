@@ -2,8 +2,9 @@
 
 from fewbit import formats, recipes, scaling
 from fewbit.calibrate import Calibration, PTQReport, calibrate, ptq
+from fewbit.choices import Overflow, Rounding
 from fewbit.export import export_onnx
-from fewbit.formats import Format, Overflow, Rounding, cast, decode, encode, pack, unpack
+from fewbit.formats import Format, cast, decode, encode, pack, unpack
 from fewbit.nn import (
     QConv1d,
     QConv2d,

@@ -385,3 +385,24 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | tuple, path: str
 
         atomic.write_bytes(path, proto.SerializeToString())
     return proto
+
+
+def onnx_runner(path: str | os.PathLike, threads: int = 0):
+    """An onnxruntime CPU session of the model at ``path`` as a plain callable: a float32 tensor batch in, a float32
+    tensor out (graph optimizations on, so the integer kernels run fused). ``threads`` > 0 caps intra-op threads.
+    It is what :meth:`fewbit.workloads.base.Workload.evaluate` and an inference harness call."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        (out,) = session.run(None, {input_name: x.detach().float().cpu().numpy()})
+        return torch.from_numpy(out)
+
+    run.session = session
+    return run

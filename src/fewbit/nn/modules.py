@@ -65,10 +65,6 @@ class QuantizedModule:
         return state
 
 
-# The former private name; tests outside fewbit.nn still use it. New code: QuantizedModule.
-_Quantized = QuantizedModule
-
-
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedModule]]:
     """``(name, module)`` for every :class:`QuantizedModule` in ``model`` (``model`` itself included, named ``""``),
     in ``named_modules`` order; whatever their recipe, ``fp32`` included."""
