@@ -34,6 +34,7 @@ __all__ = [
     "get",
     "names",
     "pack",
+    "packed_nbytes",
     "unpack",
 ]
 
@@ -427,11 +428,26 @@ def decode(codes: torch.Tensor, fmt: str | Format) -> torch.Tensor:
 # ---- bit packing --------------------------------------------------------------------------------------------
 
 
-def _code_bits(fmt_or_bits: str | Format | int) -> int:
-    bits = fmt_or_bits if isinstance(fmt_or_bits, int) else get(fmt_or_bits).bits
+def _code_bits(fmt_or_bits: str | Format | int) -> tuple[int, int]:
+    """(bits per code, number of valid codes) for a format or a plain bit width."""
+    if isinstance(fmt_or_bits, bool) or not isinstance(fmt_or_bits, int | str | Format):
+        raise TypeError(f"expected a format or a code width in bits (4, 6, 8), got {fmt_or_bits!r}")
+    if isinstance(fmt_or_bits, int):
+        bits, num_codes = fmt_or_bits, 1 << fmt_or_bits if 0 < fmt_or_bits <= 8 else 0
+    else:
+        fmt = get(fmt_or_bits)
+        bits, num_codes = fmt.bits, fmt.num_codes
     if bits not in (4, 6, 8):
         raise ValueError(f"packing supports 4-, 6- and 8-bit codes, got {bits}")
-    return bits
+    return bits, num_codes
+
+
+def _check_numel(numel: object) -> int:
+    if isinstance(numel, bool) or not isinstance(numel, int):
+        raise TypeError(f"unpack numel={numel!r}; expected a non-negative int (the number of codes packed)")
+    if numel < 0:
+        raise ValueError(f"unpack numel={numel}; expected a non-negative int (the number of codes packed)")
+    return numel
 
 
 def pack(codes: torch.Tensor, fmt_or_bits: str | Format | int) -> torch.Tensor:
@@ -440,13 +456,21 @@ def pack(codes: torch.Tensor, fmt_or_bits: str | Format | int) -> torch.Tensor:
     4-bit: two codes per byte, element 2i in the low nibble and 2i+1 in the high nibble (an odd count gets a zero
     high nibble). 6-bit: four codes per three bytes, as a little-endian bit stream: element i occupies bits 6i to
     6i+5 of the 24-bit little-endian group (padded with zero codes to a multiple of four). 8-bit: a copy.
+    A code outside the format's range (``>= 2^bits``) raises ValueError instead of spilling into its neighbour.
     """
-    bits = _code_bits(fmt_or_bits)
-    if codes.dtype != torch.uint8:
-        raise TypeError(f"pack expects torch.uint8 codes, got {codes.dtype}")
+    bits, num_codes = _code_bits(fmt_or_bits)
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        got = codes.dtype if isinstance(codes, torch.Tensor) else type(codes).__name__
+        raise TypeError(f"pack expects torch.uint8 codes, got {got}")
     flat = codes.reshape(-1)
     if bits == 8:
         return flat.clone()
+    bad = flat >= num_codes
+    if bad.any():
+        index = int(bad.nonzero()[0, 0])
+        raise ValueError(f"pack: code {int(flat[index])} at flat index {index} is outside the valid range "
+                         f"0..{num_codes - 1} of {fmt_or_bits} ({bits}-bit codes); were these codes meant for "
+                         "another format? encode values with fewbit.encode(x, fmt)")
     per_group = 2 if bits == 4 else 4
     pad = (-flat.numel()) % per_group
     if pad:
@@ -459,21 +483,31 @@ def pack(codes: torch.Tensor, fmt_or_bits: str | Format | int) -> torch.Tensor:
     return torch.stack([word & 0xFF, (word >> 8) & 0xFF, (word >> 16) & 0xFF], dim=1).reshape(-1).to(torch.uint8)
 
 
+def packed_nbytes(numel: int, bits: int) -> int:
+    """Bytes :func:`pack` gives for ``numel`` codes of ``bits`` bits (6-bit codes go in groups of four)."""
+    return 3 * math.ceil(numel / 4) if bits == 6 else math.ceil(numel * bits / 8)
+
+
 def unpack(packed: torch.Tensor, fmt_or_bits: str | Format | int, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: the first ``numel`` codes as a 1-D uint8 tensor."""
-    bits = _code_bits(fmt_or_bits)
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"unpack expects torch.uint8 bytes, got {packed.dtype}")
-    needed = math.ceil(numel * bits / 8) if bits != 6 else 3 * math.ceil(numel / 4)
+    """Inverse of :func:`pack`: the first ``numel`` codes as a 1-D uint8 tensor.
+
+    ``numel`` must be a non-negative int that the packed bytes hold (ValueError / TypeError otherwise).
+    """
+    bits, _ = _code_bits(fmt_or_bits)
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise TypeError(f"unpack expects torch.uint8 bytes, got {got}")
+    numel = _check_numel(numel)
+    needed = packed_nbytes(numel, bits)
     if packed.numel() < needed:
-        raise ValueError(f"{packed.numel()} packed bytes hold fewer than {numel} {bits}-bit codes "
-                         f"({needed} bytes needed)")
+        raise ValueError(f"{packed.numel()} packed bytes hold fewer than numel={numel} {bits}-bit codes "
+                         f"({needed} bytes needed); pass the numel the codes were packed with")
     packed = packed.reshape(-1)
     if bits == 8:
         return packed[:numel].clone()
     if bits == 4:
         return torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:numel]
-    b = packed[: 3 * math.ceil(numel / 4)].view(-1, 3).to(torch.int32)
+    b = packed[:needed].view(-1, 3).to(torch.int32)
     word = b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)
     codes = torch.stack([(word >> (6 * i)) & 0x3F for i in range(4)], dim=1)
     return codes.reshape(-1)[:numel].to(torch.uint8)
