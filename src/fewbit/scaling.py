@@ -32,10 +32,31 @@ an inf makes the block's exponent that of 2^128 (floor/ceil/even: the scale is 2
 exceeds 2^127 as for MXINT8; rceil: 2^127), so the inf saturates to the element max, dequantizes to inf again
 (floor) and its finite neighbours go to zero; exponents below -127 clamp to -127 (all-zero blocks get 2^-127);
 blocks of float32 subnormals are handled exactly.
+
+Non-finite values under float32 scales (PerTensor, PerAxis, PerGroup): **they never enter the amax**. The amax of a
+group is the largest *finite* magnitude, so one inf or NaN changes no other element and every scale is a finite,
+positive float32. The non-finite element itself is rounded as :func:`fewbit.cast` rounds it: NaN stays NaN (and
+``quantize`` onto a format without a NaN code raises ValueError); +-inf becomes +-max times the scale under
+``overflow="saturate"`` (the default), and +-inf (fp8_e5m2) or NaN (fp8_e4m3) under ``overflow="nonfinite"``.
+Scales are kept in float32's normal range: ``amax_scale`` clamps ``amax * 2^margin / fmt_max`` to
+``[2^-126, 3.4e38]`` (power-of-two scales to ``[2^-126, 2^127]``), so a subnormal amax or a large margin gives no
+inf, NaN or zero scale. A group of no finite value (all zero, empty, or all non-finite) gets scale 1. Delayed
+scaling: a step whose tensor holds a non-finite value is quantized with the history's amax but does not enter
+the :class:`AmaxHistory` (counted in ``skipped``), so one bad batch cannot set the scale of the next
+``history_len`` steps.
+
+Empty tensors: every scaling kind accepts them; the result has the tensor's shape, and scales of the layout's
+``scale_shape`` (1.0 for a float scale, the E8M0 code of an all-zero block for MX).
+
+Every field is validated when the record is built: booleans must be ``bool`` (the string ``"false"`` is an error,
+not True), integers must be ``int`` within the ranges below, and each error names the value and its valid range.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import numbers
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +83,26 @@ __all__ = [
     "e8m0_to_float",
     "layout",
     "mx_scale_codes",
+    "scaling_from_dict",
+    "scaling_to_dict",
 ]
+
+# Valid ranges of the integer fields (inclusive).
+MARGIN_RANGE = (-64, 64)  # 2^margin is exact in float32; amax_scale clamps what is still out of range
+HISTORY_LEN_RANGE = (1, 1 << 20)  # a float32 window of at most 4 MiB
+GROUP_SIZE_RANGE = (1, 1 << 16)  # elements per block or group; the padded axis is allocated
+AXIS_RANGE = (-64, 63)  # torch tensors have at most 64 dimensions; the tensor's own ndim is checked at use
+
+
+def _check_bool(owner: str, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{owner} {name}={value!r}; expected a bool (True or False), not {type(value).__name__}")
+
+
+def _check_int(owner: str, name: str, value: object, valid: tuple[int, int]) -> None:
+    low, high = valid
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not low <= value <= high:
+        raise ValueError(f"{owner} {name}={value!r}; expected an int in the valid range [{low}, {high}]")
 
 
 @dataclass(frozen=True)
@@ -88,12 +128,18 @@ class PerTensor:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "algo", parse_choice(AmaxAlgo, self.algo, "algo"))
-        if self.history_len < 1:
-            raise ValueError(f"history_len={self.history_len}; it must be >= 1")
+        _check_bool("PerTensor", "delayed", self.delayed)
+        _check_bool("PerTensor", "power_of_two", self.power_of_two)
+        _check_int("PerTensor", "history_len", self.history_len, HISTORY_LEN_RANGE)
+        _check_int("PerTensor", "margin", self.margin, MARGIN_RANGE)
+        object.__setattr__(self, "history_len", int(self.history_len))
+        object.__setattr__(self, "margin", int(self.margin))
         if self.amax is not None:
+            if isinstance(self.amax, bool) or not isinstance(self.amax, numbers.Real) \
+                    or not 0 < float(self.amax) < float("inf"):
+                raise ValueError(f"PerTensor amax={self.amax!r}; a static amax must be a positive finite number "
+                                 "(valid range (0, inf)), or None to measure it")
             amax = float(self.amax)
-            if not (amax > 0 and amax < float("inf")):
-                raise ValueError(f"amax={self.amax!r}; a static amax must be a positive finite number")
             if self.delayed:
                 raise ValueError("a static amax and delayed=True exclude each other; set one of them")
             object.__setattr__(self, "amax", amax)
@@ -105,6 +151,9 @@ class PerAxis:
 
     axis: int = 0
 
+    def __post_init__(self) -> None:
+        _check_int("PerAxis", "axis", self.axis, AXIS_RANGE)
+
 
 @dataclass(frozen=True)
 class PerGroup:
@@ -114,8 +163,8 @@ class PerGroup:
     axis: int = -1
 
     def __post_init__(self) -> None:
-        if self.group_size <= 0:
-            raise ValueError(f"group_size={self.group_size}; it must be a positive number of elements")
+        _check_int("PerGroup", "group_size", self.group_size, GROUP_SIZE_RANGE)
+        _check_int("PerGroup", "axis", self.axis, AXIS_RANGE)
 
 
 @dataclass(frozen=True)
@@ -128,11 +177,33 @@ class Block:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "scale_mode", parse_choice(ScaleMode, self.scale_mode, "scale_mode"))
-        if self.block_size <= 0:
-            raise ValueError(f"block_size={self.block_size}; it must be a positive number of elements (MX uses 32)")
+        _check_int("Block", "block_size", self.block_size, GROUP_SIZE_RANGE)  # MX uses 32
+        _check_int("Block", "axis", self.axis, AXIS_RANGE)
 
 
 Scaling = PerTensor | PerAxis | PerGroup | Block
+_KINDS = {k.__name__: k for k in (PerTensor, PerAxis, PerGroup, Block)}
+
+
+def scaling_to_dict(scaling: Scaling) -> dict:
+    """``{"kind": "Block", "block_size": 32, ...}``: every field, choices as their string values (JSON-ready)."""
+    fields = {f.name: getattr(scaling, f.name) for f in dataclasses.fields(scaling)}
+    return {"kind": type(scaling).__name__, **{k: getattr(v, "value", v) for k, v in fields.items()}}
+
+
+def scaling_from_dict(d: dict) -> Scaling:
+    """Inverse of :func:`scaling_to_dict`; every field is validated (ValueError naming the bad key or value)."""
+    if not isinstance(d, dict):
+        raise ValueError(f"a scaling must be a dict with a 'kind' ({', '.join(_KINDS)}) and its fields, got {d!r}")
+    fields = dict(d)
+    kind = fields.pop("kind", None)
+    if kind not in _KINDS:
+        raise ValueError(f"unknown scaling kind {kind!r}; valid: {', '.join(_KINDS)}")
+    valid = {f.name for f in dataclasses.fields(_KINDS[kind])}
+    unknown = sorted(set(fields) - valid)
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown} for {kind} scaling; valid: {sorted(valid)}")
+    return _KINDS[kind](**fields)
 
 
 # ---- the 2-D group view ---------------------------------------------------------------------------------------
@@ -169,7 +240,7 @@ class GroupLayout:
         if self.kind == "tensor":
             return x.reshape(1, -1)
         if self.kind == "axis":
-            return x.movedim(self.axis, 0).reshape(self.shape[self.axis], -1)
+            return x.movedim(self.axis, 0).reshape(self.shape[self.axis], self.group_size)
         moved = x.movedim(self.axis, -1)
         pad = self.padded - self.shape[self.axis]
         if pad:
@@ -228,14 +299,24 @@ def layout(shape: tuple[int, ...], scaling: Scaling) -> GroupLayout:
 # ---- float32 scales and delayed-scaling state -------------------------------------------------------------------
 
 
+_MIN_SCALE = 2.0**-126  # float32's smallest normal: 1 / scale stays finite and dequantizing loses no bits
+_MAX_SCALE = torch.finfo(torch.float32).max
+
+
 def amax_scale(amax: torch.Tensor, fmt_max: float, margin: int = 0, power_of_two: bool = False) -> torch.Tensor:
     """Float32 scale ``amax * 2^margin / fmt_max`` (1 where amax is 0, so zeros stay zeros); with
-    ``power_of_two`` the scale is rounded up to a power of two, exactly."""
+    ``power_of_two`` the scale is rounded up to a power of two, exactly.
+
+    ``amax``: finite, >= 0 (fewbit's amax is always over finite values). The scale is clamped to float32's
+    normal range, ``[2^-126, 3.4e38]`` (power of two: ``[2^-126, 2^127]``), so it is never 0, subnormal or inf.
+    """
     scale = amax * (2.0**margin) / fmt_max
     if power_of_two:
         mantissa, exponent = torch.frexp(scale)
         scale = torch.ldexp(torch.ones_like(scale), torch.where(mantissa == 0.5, exponent - 1, exponent))
-        scale = torch.where(torch.isfinite(amax), scale, amax)
+        scale = torch.clamp(scale, _MIN_SCALE, 2.0**127)
+    else:
+        scale = torch.clamp(scale, _MIN_SCALE, _MAX_SCALE)
     return torch.where(amax == 0, torch.ones_like(scale), scale)
 
 
@@ -243,13 +324,17 @@ class AmaxHistory:
     """Delayed scaling state: the amax of the last ``history_len`` steps (TransformerEngine's recipe).
 
     :meth:`amax` gives the amax to scale this step with (the history's max, or its most recent entry), falling back
-    to the current tensor's amax on the first step; :meth:`record` appends this step's amax afterwards.
+    to the current tensor's amax while nothing is recorded; :meth:`record` appends this step's amax afterwards.
+    A non-finite amax (a step whose tensor held inf or NaN) is not recorded: ``skipped`` counts those steps and
+    ``steps`` the recorded ones, so one bad batch does not set the scale for the next ``history_len`` steps.
     """
 
     def __init__(self, history_len: int = 1024, algo: AmaxAlgo | str = AmaxAlgo.MAX) -> None:
+        _check_int("AmaxHistory", "history_len", history_len, HISTORY_LEN_RANGE)
         self.algo = parse_choice(AmaxAlgo, algo, "algo")
-        self.history = torch.zeros(history_len, dtype=torch.float32)
+        self.history = torch.zeros(int(history_len), dtype=torch.float32)
         self.steps = 0
+        self.skipped = 0
 
     def amax(self, current: torch.Tensor) -> torch.Tensor:
         if self.steps == 0:
@@ -258,13 +343,38 @@ class AmaxHistory:
             return self.history[(self.steps - 1) % len(self.history)].clone()
         return self.history[: min(self.steps, len(self.history))].max()
 
-    def record(self, current: torch.Tensor) -> None:
-        self.history[self.steps % len(self.history)] = current.detach().float().to(self.history.device)
+    def record(self, current: torch.Tensor | float) -> bool:
+        """Append this step's amax (a 1-element tensor or a float); skip it (and count it in ``skipped``) when it
+        is inf or NaN. Returns whether it was recorded."""
+        value = torch.as_tensor(current).detach().float().reshape(-1).to(self.history.device)
+        if value.numel() != 1:
+            raise ValueError(f"AmaxHistory.record takes one amax, got a tensor of {value.numel()} elements")
+        if not torch.isfinite(value).all():
+            self.skipped += 1
+            return False
+        if (value < 0).any():
+            raise ValueError(f"AmaxHistory.record: amax {value.item()!r} is negative; an amax is a max of |x|")
+        self.history[self.steps % len(self.history)] = value[0]
         self.steps += 1
+        return True
 
     def state_dict(self) -> dict:
-        return {"history": self.history.clone(), "steps": torch.tensor(self.steps)}
+        return {"history": self.history.clone(), "steps": torch.tensor(self.steps),
+                "skipped": torch.tensor(self.skipped)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.history = state["history"].clone()
-        self.steps = int(state["steps"])
+        """Restore :meth:`state_dict`'s output (states saved before ``skipped`` existed load with 0 skipped;
+        non-finite entries of such a state are dropped to 0 with a warning)."""
+        history = state["history"]
+        if not isinstance(history, torch.Tensor) or history.dim() != 1 or len(history) == 0:
+            raise ValueError(f"AmaxHistory state: 'history' must be a non-empty 1-D tensor, got {history!r}")
+        history = history.detach().float().clone()
+        bad = ~torch.isfinite(history)
+        if bad.any():
+            warnings.warn(f"AmaxHistory state holds {int(bad.sum())} non-finite amax value(s); they are dropped "
+                          "to 0 (saved before non-finite steps were skipped)", RuntimeWarning, stacklevel=2)
+            history[bad] = 0.0
+        steps, skipped = int(state["steps"]), int(state.get("skipped", 0))
+        if steps < 0 or skipped < 0:
+            raise ValueError(f"AmaxHistory state: steps={steps}, skipped={skipped}; both must be >= 0")
+        self.history, self.steps, self.skipped = history, steps, skipped

@@ -80,9 +80,14 @@ def name_suffix(mode: ScaleMode, emax: int, elem_mbits: int, elem_max: float, fi
     return name.replace(".", "p").replace("-", "n")
 
 
-def _row_amax(xbits: torch.Tensor) -> torch.Tensor:
-    """Per-row max of |x| as float32 (G, 1), from the bit patterns: one read, no temporary |x| tensor."""
-    return (xbits & 0x7FFFFFFF).amax(dim=1, keepdim=True).view(torch.float32)
+def _row_amax(xbits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row max of the *finite* |x| as float32 (G, 1), and whether the row is all finite (bool (G, 1)), from
+    the bit patterns: one read, no temporary |x| tensor. Non-finite patterns (inf 0x7F800000 and above) count as
+    0, so an inf or NaN does not set its neighbours' scale; a row of no finite value gets amax 0."""
+    magnitude = xbits & 0x7FFFFFFF
+    finite = magnitude < 0x7F800000
+    amax = torch.where(finite, magnitude, 0).amax(dim=1, keepdim=True).view(torch.float32)
+    return amax, finite.all(dim=1, keepdim=True)
 
 
 row_amax = fast(_row_amax)
