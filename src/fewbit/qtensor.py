@@ -16,9 +16,10 @@ rounds it. An empty tensor quantizes to an empty QTensor (scales of the layout's
 
 Files (:meth:`QTensor.save`, :func:`load`): safetensors (no pickle), written atomically. Version 2 stores a
 checksum (the first 64 bits of the sha256) of each tensor's bytes and of the metadata (``spec``, ``shape``,
-``dtype``) under the metadata key ``sha256``; :func:`load` verifies them and checks the metadata against the tensors (the code count for the shape,
-the scale's dtype and shape for the spec's layout, ``dtype`` one of float32, bfloat16, float16, float64), raising
-ValueError naming the file and the tensor. Version 1 files (no checksums) still load, with a UserWarning.
+``dtype``) under the metadata key ``sha256``; :func:`load` verifies them and checks the metadata against the
+tensors (the code count for the shape, the scale's dtype and shape for the spec's layout, ``dtype`` one of
+float32, bfloat16, float16, float64), raising ValueError naming the file and the tensor. Version 1 files (no
+checksums) still load, with a UserWarning.
 """
 
 from __future__ import annotations
