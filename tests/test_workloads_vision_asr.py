@@ -58,29 +58,12 @@ def test_vision_trains_with_pinned_losses_and_evaluates(model, tmp_path, capsys)
     assert metrics["images"] == 64
 
 
-def test_vision_falls_back_to_digits_loudly(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(images, "FASHION_MNIST_DIR", tmp_path / "nowhere")
-    monkeypatch.setattr(images.ImageSpec, "__init__", _with_root(images.ImageSpec.__init__, tmp_path / "nowhere"))
-    out = tmp_path / "digits"
-    assert main(["train", "vision", "--out", str(out), "--quiet", *VISION, "valid_size=100"]) == 0
-    assert "WARNING: Fashion-MNIST is not installed" in capsys.readouterr().err
-    assert json.loads((out / "run.json").read_text())["data"]["image_shape"] == [1, 8, 8]
-
-
-def _with_root(init, root):
-    def patched(self, *args, **kwargs):
-        kwargs.setdefault("root", str(root))
-        init(self, *args, **kwargs)
-
-    return patched
-
-
 def test_vision_truncated_dataset_names_the_fix(tmp_path, monkeypatch, capsys):
     root = tmp_path / "fashion"
     root.mkdir()
     for name in images.FASHION_MNIST_FILES.values():
         (root / name).write_bytes(b"\x00\x00\x08\x03\x00\x00\x00\x05")  # a header, then nothing
-    monkeypatch.setattr(images.ImageSpec, "__init__", _with_root(images.ImageSpec.__init__, root))
+    monkeypatch.setenv(images.ROOT_VARIABLE, str(root))
     assert main(["train", "vision", "source=fashion-mnist", *VISION]) == 2
     err = capsys.readouterr().err
     assert "fewbit: error:" in err and "dataset-fashion-mnist" in err

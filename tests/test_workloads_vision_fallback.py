@@ -28,6 +28,7 @@ def test_train_and_eval_fall_back_to_digits(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "vision", "--out", str(out), "--quiet", *QUICK]) == 0
     printed = capsys.readouterr()
+    assert "WARNING: Fashion-MNIST is not installed" in printed.err  # loud, where people look
     assert "falling back to scikit-learn's 8x8 digits" in printed.err
     record = json.loads((out / "run.json").read_text())
     data = record["data"]

@@ -450,33 +450,6 @@ class PTQReport:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def print(self, console=None) -> None:
-        """Print the report as tables (rich)."""
-        from rich.console import Console
-        from rich.table import Table
-
-        console = console or Console()
-        direction = "higher" if self.higher_is_better else "lower"
-        console.print(f"PTQ ({self.recipe}): float metric {self.float_metric:.6g} ({direction} is better), "
-                      f"tolerance {self.tolerance:.2%}")
-        table = Table(title="calibrators")
-        table.add_column("calibrator")
-        table.add_column("metric", justify="right")
-        for method, metric in self.calibrator_metrics.items():
-            table.add_row(method + (" (chosen)" if method == self.chosen_calibrator else ""), f"{metric:.6g}")
-        console.print(table)
-        if self.sensitivity:
-            table = Table(title="sensitivity (metric with only this layer quantized)")
-            table.add_column("layer")
-            table.add_column("metric", justify="right")
-            table.add_column("left in float")
-            for layer, metric in self.sensitivity.items():
-                table.add_row(layer, f"{metric:.6g}", "yes" if layer in self.float_layers else "")
-            console.print(table)
-        verdict = "within" if self.within_tolerance else "NOT within"
-        console.print(f"final metric {self.final_metric:.6g} ({verdict} tolerance), {len(self.float_layers)} layer(s) "
-                      f"left in float, {self.seconds:.1f} s")
-
 
 def within_tolerance(metric: float, reference: float, tolerance: float, higher_is_better: bool) -> bool:
     """Relative tolerance: at most ``tolerance * |reference|`` worse than ``reference`` (NaN: never within)."""

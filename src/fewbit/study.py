@@ -24,6 +24,7 @@ from fewbit import recipes as _recipes
 from fewbit.atomic import write_bytes, write_text
 from fewbit.nn import weight_bytes
 from fewbit.report import study as render
+from fewbit.train import Precision
 from fewbit.workloads import runs
 from fewbit.workloads.base import config_dict, model_device
 
@@ -50,7 +51,7 @@ def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = ()
         started = time.perf_counter()
         recipe = _recipes.get(name)
         model = runs.as_recipe(base.model, recipe)
-        with runs.autocast(recipe, model_device(model)):
+        with Precision.of(recipe).autocast(model_device(model)):  # as runs.evaluate_model, keeping the model
             metrics = workload.evaluate(model, split)
         sizes = weight_bytes(model)
         rows.append({"recipe": recipe.name, "metric": metrics[workload.metric], "delta": 0.0,

@@ -43,7 +43,7 @@ def calibration_tables(report: dict) -> list:
         out.append(table)
     verdict = "within" if report["within_tolerance"] else "NOT within"
     out.append(f"final metric {report['final_metric']:.6g} ({verdict} tolerance), {len(report['float_layers'])} "
-               f"layer(s) left in float")
+               f"layer(s) left in float, {report['seconds']:.1f} s")
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +150,7 @@ class SpeechRecognition(Workload):
         self.check_split(split)
         data = self.splits[split]
         count = limited(split, len(data), limit)
-        return UtteranceSamples(split, self, data, self.frames[split][:count])
+        return UtteranceSamples(split, data, self.frames[split][:count], self._encode)
 
     def predict(self, model: Model, inputs: tuple[torch.Tensor, ...]) -> list[tuple[str, float]]:
         """Per utterance: (greedy CTC transcript, CTC loss of the reference divided by its length). ``inputs`` as
@@ -183,17 +184,16 @@ class UtteranceSamples(Samples):
     """The first ``len(frames)`` utterances of a split, as features with their transcripts."""
 
     split: str
-    workload: SpeechRecognition
     data: speech.SpeechSplit
     frames: list[int]
+    encode: Callable[[list[torch.Tensor], list[str]], tuple[torch.Tensor, ...]]  # the workload's, as batch() uses
 
     def __len__(self) -> int:
         return len(self.frames)
 
     def inputs(self, indices) -> tuple[torch.Tensor, ...]:
         """(features (B, n_mels, T), frames (B,), targets, target lengths (B,)), as :meth:`batch` gives them."""
-        return self.workload._encode([self.data.waveform(i) for i in indices],
-                                     [self.data.transcripts[i] for i in indices])
+        return self.encode([self.data.waveform(i) for i in indices], [self.data.transcripts[i] for i in indices])
 
     def references(self, indices) -> list[str]:
         return [self.data.transcripts[i] for i in indices]

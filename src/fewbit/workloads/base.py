@@ -207,7 +207,8 @@ class Workload(abc.ABC):
 
     @abc.abstractmethod
     def samples(self, split: str, limit: int = 0) -> Samples:
-        """The examples of ``split``, the first ``limit`` of them (0: all). Call :meth:`check_split` first."""
+        """The examples of ``split``, the first ``limit`` of them (0: all); an unknown split (:meth:`check_split`) or
+        a negative limit (:func:`limited`) is a ValueError."""
 
     @abc.abstractmethod
     def predict(self, model: Model, inputs: Any) -> Sequence[Any]:
@@ -233,8 +234,7 @@ class Workload(abc.ABC):
         """Metrics of ``model`` on ``split`` ("valid" or "test"); includes :attr:`metric`. ``limit`` caps the
         examples read (None: ``config.eval_limit``; 0: all). A module is evaluated in eval mode without autograd
         and left in the mode it was in."""
-        self.check_split(split)
-        samples = self.samples(split, self.config.eval_limit if limit is None else limit)
+        samples = self.samples(split, self.config.eval_limit if limit is None else limit)  # checks split and limit
         return evaluate_samples(model, samples, self.predict, self.score, self.eval_batch_size)
 
     def example_input(self) -> torch.Tensor | None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fewbit.workloads.base import Model, Source, TrainSettings, Workload, model_device, unwrap
+from fewbit.workloads.base import Model, Source, TrainSettings, Workload, limited, model_device, unwrap
 from fewbit.workloads.data import bible, text
 from fewbit.workloads.models.gpt import GPT, GPTConfig
 
@@ -94,9 +94,8 @@ class LanguageModel(Workload):
     def samples(self, split: str, limit: int = 0) -> text.TokenWindows:
         """The split read once in non-overlapping windows; ``limit`` counts tokens (0: all)."""
         self.check_split(split)
-        if limit < 0:
-            raise ValueError(f"limit={limit}; use 0 for the whole {split} split or N > 0 for its first N tokens")
-        return text.TokenWindows(split, self.splits[split], self.config.block_size, limit)
+        tokens = self.splits[split]
+        return text.TokenWindows(split, tokens, self.config.block_size, limited(split, tokens.numel(), limit))
 
     def predict(self, model: Model, inputs: torch.Tensor) -> list[float]:
         """The negative log-likelihood (nats, summed) of each window's tokens after its first."""

@@ -15,7 +15,6 @@ Every verb (``study``, ``ptq``, ...) gets its models from here; no verb imports 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import math
@@ -179,15 +178,18 @@ def evaluate_model(workload: Workload, model: nn.Module, recipe: str | Recipe, s
                    limit: int | None = None) -> dict[str, float]:
     """``workload.evaluate`` of ``model`` as ``recipe`` computes (see the module docstring); ``model`` is left
     untouched."""
+    from fewbit.train import Precision
+
     recipe = _recipes.get(recipe)
     converted = as_recipe(model, recipe)
-    with autocast(recipe, model_device(converted)):
+    with Precision.of(recipe).autocast(model_device(converted)):  # a no-op unless the recipe sets autocast
         return workload.evaluate(converted, split, limit)
 
 
 def as_recipe(model: nn.Module, recipe: str | Recipe) -> nn.Module:
     """``model`` as evaluated under ``recipe``: ``model`` itself when the recipe changes nothing, else a float32
-    copy with its layers converted by ``quantize_``. (``autocast`` is a context, :func:`autocast`.)"""
+    copy with its layers converted by ``quantize_``. (A recipe's ``autocast`` is a context, not a conversion:
+    :meth:`fewbit.train.Precision.autocast`.)"""
     from fewbit.nn import quantize_
 
     recipe = _recipes.get(recipe)
@@ -201,15 +203,6 @@ def as_recipe(model: nn.Module, recipe: str | Recipe) -> nn.Module:
     return quantize_(model, recipe) if converts else model
 
 
-def autocast(recipe: str | Recipe, device: torch.device) -> contextlib.AbstractContextManager:
-    """``torch.autocast`` to the recipe's ``autocast`` format on ``device``; a no-op for recipes without one."""
-    recipe = _recipes.get(recipe)
-    if recipe.autocast is None:
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[recipe.autocast]
-    return torch.autocast(device.type, dtype=dtype)
-
-
 # -- baselines and output folders ---------------------------------------------------------------------------------
 def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str] = (), retrain: bool = False,
              progress: bool = True, log=None) -> Run:
@@ -221,8 +214,9 @@ def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str]
     workload = cls(cls.load_config(config, overrides))
     key = {"workload": workload_name, "config": config_dict(workload.config), "fewbit": fewbit.__version__,
            "torch": torch.__version__.split("+")[0]}
-    if workload.data_key():
-        key["data"] = workload.data_key()
+    data = workload.data_key()
+    if data:  # only where it says something, so the other workloads' cached baselines keep their keys
+        key["data"] = data
     folder = keyed_dir("baseline", key)
     if not retrain and (folder / RUN_FILE).is_file():
         if log:

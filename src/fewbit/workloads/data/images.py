@@ -33,10 +33,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 ROOT_VARIABLE = "FEWBIT_FASHION_MNIST_DIR"  # where to look instead (an empty folder hides the Debian files)
 VALID_SHARE = 12  # valid_size None: a twelfth of the training images (5,000 of Fashion-MNIST's 60,000)
 
-
-def default_root() -> Path:
-    """Where Fashion-MNIST is looked for: ``$FEWBIT_FASHION_MNIST_DIR`` if set, else Debian's folder."""
-    return Path(os.environ.get(ROOT_VARIABLE) or FASHION_MNIST_DIR)
 FASHION_MNIST_FILES = {
     "train_images": "train-images-idx3-ubyte",
     "train_labels": "train-labels-idx1-ubyte",
@@ -48,6 +44,12 @@ FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", 
 DIGITS_CLASSES = tuple(str(d) for d in range(10))
 SOURCES = ("auto", "fashion-mnist", "digits")
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
+
+
+def default_root() -> Path:
+    """Where Fashion-MNIST is looked for: ``$FEWBIT_FASHION_MNIST_DIR`` if set, else Debian's folder."""
+    return Path(os.environ.get(ROOT_VARIABLE) or FASHION_MNIST_DIR)
+
 
 # IDX element types (third byte of the magic number) -> numpy dtype, big-endian as the format prescribes.
 _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
@@ -204,7 +206,7 @@ def load(spec: ImageSpec | None = None) -> ImageData:
     valid_size = len(train_x) // VALID_SHARE if spec.valid_size is None else spec.valid_size
     if valid_size >= len(train_x):
         raise ValueError(f"valid_size={valid_size} leaves no training images (the {source} training split has "
-                         f"{len(train_x)}); use a smaller valid_size, or 0 for a twelfth of the training images")
+                         f"{len(train_x)}); use a smaller valid_size (the default takes a twelfth of them)")
     order = rng.permutation(len(train_x))
     valid, train = order[:valid_size], order[valid_size:]
     if spec.train_limit is not None:
