@@ -242,9 +242,12 @@ def test_stop_at_target_errors():
 
 
 def _rewrite_config(directory, change) -> None:
+    """Turn the checkpoints into ones an older fewbit wrote: format version 1 (no checksums), config changed."""
     for path in ckpt.list_checkpoints(directory):
         state = json.loads((path / "state.json").read_text())
         change(state["config"])
+        state["format_version"] = 1
+        del state["tensors"]
         (path / "state.json").write_text(json.dumps(state))
 
 

@@ -502,7 +502,9 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
        in float, one more at a time, until within tolerance (or ``max_float_layers`` are float).
 
     Layers left in float become plain float modules (listed by :func:`fewbit.summary`). The model is left in eval
-    mode. Returns ``(model, report)``; ``progress`` prints each evaluation (rich).
+    mode. Returns ``(model, report)``; ``progress`` prints each evaluation (rich). When anything fails on the way
+    (no calibration batches, an ``eval_fn`` that raises, an interrupt) the model is restored as it was (its
+    layers, recipes and training modes) before the error propagates, so a retry starts from the float model.
     """
     started = time.perf_counter()
     recipe = _recipes.get(recipe)
@@ -512,6 +514,28 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
     if any(not m.recipe.is_identity for _, m in quantized_layers(model)):
         raise ValueError("ptq takes a float model; this one already has quantized layers (fewbit.dequantize_ it "
                          "first, or use fewbit.calibrate on it)")
+    with _restored_on_failure(model):
+        return _ptq(model, recipe, calib_batches, eval_fn, tolerance, higher_is_better, methods, max_float_layers,
+                    forward_fn, progress, started)
+
+
+@contextlib.contextmanager
+def _restored_on_failure(model: nn.Module):
+    """On an exception, put every module of ``model`` back as it was on entry: its attributes (recipe, training
+    mode, the skipped-layer record...) and its children (the float layers a conversion replaced), then re-raise."""
+    saved = [(module, dict(module.__dict__), dict(module._modules)) for module in model.modules()]
+    try:
+        yield
+    except BaseException:
+        for module, attributes, children in saved:
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
+            module.__dict__["_modules"] = children
+        raise
+
+
+def _ptq(model, recipe, calib_batches, eval_fn, tolerance, higher_is_better, methods, max_float_layers, forward_fn,
+         progress, started) -> tuple[nn.Module, PTQReport]:
     console = None
     if progress:
         from rich.console import Console

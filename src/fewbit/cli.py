@@ -10,10 +10,22 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
+
 from fewbit import formats, recipes
 from fewbit.report import catalog
 from fewbit.report.console import console as _console
+from fewbit.train.loop import AllStepsSkipped
+from fewbit.train.scaler import LossScaleCollapse
 from fewbit.workloads.base import DataError
+
+# What a user's input or files can cause; each becomes one ``fewbit: error: ...`` line and exit code 2. Anything
+# else is a bug in fewbit and keeps its traceback. (CheckpointError is a ValueError; AllStepsSkipped and
+# LossScaleCollapse are the training run's verdicts on its data and settings; yaml.YAMLError and
+# json.JSONDecodeError come from recipe and config files.)
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, OSError, ImportError, DataError, KeyError, StopIteration, yaml.YAMLError, AllStepsSkipped,
+    LossScaleCollapse)
 
 
 def _cmd_formats(args: argparse.Namespace) -> int:
@@ -72,23 +84,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from fewbit import workloads
     from fewbit.workloads import runs
 
+    _check_count("--checkpoint-every", args.checkpoint_every, "0 for no checkpoints or N > 0 for one every N steps")
     cls = workloads.get(args.workload)
     recipe = recipes.get(args.recipe)
     workload = cls(cls.load_config(args.config, args.overrides))
     out = args.out or f"runs/{args.workload}-{recipe.name}"
+    if not args.overwrite:  # refuse before any work; with --overwrite, runs.train clears the folder
+        runs.prepare_out(Path(out), resume=args.resume, checkpoint_every=args.checkpoint_every)
     console = _console()
     console.print(f"fewbit train {args.workload}: recipe {recipe.name}, config {args.config}, "
                   f"{workload.config.steps} steps -> {out}")
-    result = runs.train(workload, recipe, out=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every)
+    result = runs.train(workload, recipe, out=out, progress=not args.quiet, checkpoint_every=args.checkpoint_every,
+                        overwrite=args.overwrite, resume=args.resume)
     console.print(f"valid: {_metrics_line(result.record['valid'])}")
     console.print(f"trained in {result.record['train']['seconds']:.1f} s; saved {out}/ "
                   f"(evaluate with `fewbit eval {args.workload} --checkpoint {out}`)")
     return 0
 
 
+def _check_count(option: str, value: int, expected: str) -> None:
+    if value < 0:
+        raise ValueError(f"{option} {value}: use {expected}")
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from fewbit.workloads import runs
 
+    if args.limit is not None:
+        _check_count("--limit", args.limit, "0 for the whole split or N > 0 for its first N examples")
     loaded = runs.load(args.checkpoint, args.workload)
     recipe = loaded.recipe if args.recipe is None else recipes.get(args.recipe)
     metrics = runs.evaluate(loaded, recipe, args.split, args.limit)
@@ -178,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="quick", help="a named config of the workload, or a .yaml path")
     p.add_argument("--out", help="run folder (default runs/<workload>-<recipe>)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="keep resumable checkpoints every N steps")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
+    p.add_argument("--resume", action="store_true", help="continue the checkpoints in --out (needs "
+                   "--checkpoint-every; starts them when there are none yet; a changed config is refused)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.set_defaults(run=_cmd_train)
@@ -279,9 +305,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, DataError) as error:
-        print(f"fewbit: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        # Outputs are written atomically (checkpoints, run files, metrics lines flushed per step): what is on disk
+        # stays readable, and a run with --checkpoint-every continues with --resume.
+        print("fewbit: interrupted", file=sys.stderr)
+        return 130
+    except EXPECTED_ERRORS as error:
+        print(f"fewbit: error: {_one_line(error)}", file=sys.stderr)
         return 2
+
+
+def _one_line(error: BaseException) -> str:
+    """The message of an expected failure as one line (YAML and JSON errors span several)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, KeyError | StopIteration | IndexError):
+        text = f"{type(error).__name__}: {text}"  # their messages alone are just a key or nothing
+    return text
 
 
 if __name__ == "__main__":

@@ -147,6 +147,7 @@ def quantize_(model: nn.Module, recipe: Recipe | str,
     layer_recipes = {k: (_recipes.get(v) if v is not None else None) for k, v in (layer_recipes or {}).items()}
     skipped: dict[str, str] = {}
     converted = 0
+    names = [name for name, _ in model.named_modules() if name]
     for name, module in list(model.named_modules()):
         if name == "" and not isinstance(module, RECIPE_ONLY):
             continue
@@ -171,6 +172,12 @@ def quantize_(model: nn.Module, recipe: Recipe | str,
             replace_module(model, name, new)
         converted += 1
     model.__dict__[_SKIPPED] = skipped
+    for pattern in layer_recipes:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            warnings.warn(f"quantize_: layer_recipes pattern {pattern!r} matches no layer of {type(model).__name__}, "
+                          f"so it changes nothing (patterns are fnmatch patterns over module names such as "
+                          f"{', '.join(repr(n) for n in names[:4])}{', ...' if len(names) > 4 else ''})",
+                          UserWarning, stacklevel=2)
     if converted == 0:
         already = sum(1 for _ in quantized_layers(model))
         listed = "; ".join(f"{name or '(model)'}: {reason}" for name, reason in skipped.items())
@@ -207,6 +214,7 @@ class LayerRow:
     float_bytes: int
     quantized_bytes: int
     weights: int  # weight elements
+    tied_to: str | None = None  # the first layer holding the same weight (a tied weight is stored, and counted, once)
 
 
 @dataclass(frozen=True)
@@ -219,22 +227,25 @@ class ModelSummary:
     rows: tuple[LayerRow, ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)
 
+    def _counted(self) -> list[LayerRow]:
+        return [r for r in self.rows if r.tied_to is None]
+
     @property
     def float_bytes(self) -> int:
-        return sum(r.float_bytes for r in self.rows)
+        return sum(r.float_bytes for r in self._counted())
 
     @property
     def quantized_bytes(self) -> int:
-        return sum(r.quantized_bytes for r in self.rows)
+        return sum(r.quantized_bytes for r in self._counted())
 
     @property
     def weights(self) -> int:
-        return sum(r.weights for r in self.rows)
+        return sum(r.weights for r in self._counted())
 
     @property
     def totals(self) -> dict:
-        """``float_bytes``, ``quantized_bytes`` and ``weights`` summed over the quantized layers, ``layers`` (their
-        count) and ``skipped`` (``{name: reason}``)."""
+        """``float_bytes``, ``quantized_bytes`` and ``weights`` summed over the quantized layers (a weight tied
+        between layers counted once), ``layers`` (their count) and ``skipped`` (``{name: reason}``)."""
         return {"float_bytes": self.float_bytes, "quantized_bytes": self.quantized_bytes, "layers": len(self.rows),
                 "weights": self.weights, "skipped": dict(self.skipped)}
 
@@ -257,7 +268,7 @@ def _stored(spec):
     return spec
 
 
-def _row(name: str, module: QuantizedModule) -> LayerRow:
+def _row(name: str, module: QuantizedModule, tied_to: str | None = None) -> LayerRow:
     r = module.recipe
     before = after = count = 0
     if module.weight is not None:
@@ -270,15 +281,22 @@ def _row(name: str, module: QuantizedModule) -> LayerRow:
             after = count * (2 if r.compute_format in ("bf16", "fp16") else w.element_size())
     return LayerRow(name=name, type=type(module).__name__, recipe=r.name, weight=_spec_name(r.weight),
                     input=_spec_name(r.input), grad_output=_spec_name(r.grad_output), float_bytes=before,
-                    quantized_bytes=after, weights=count)
+                    quantized_bytes=after, weights=count, tied_to=tied_to)
 
 
 def summary(model: nn.Module) -> ModelSummary:
     """The quantized layers of ``model`` (type, recipe, spec per role, weight bytes before and after) and every
     layer left in float with the reason, as a record; prints nothing (render it with
     :func:`fewbit.report.layers.model_summary_table` or ``model_summary_text``)."""
-    return ModelSummary(model=type(model).__name__, rows=tuple(_row(n, m) for n, m in quantized_layers(model)),
-                        skipped=skipped_layers(model))
+    first_holder: dict[int, str] = {}
+    rows = []
+    for name, module in quantized_layers(model):
+        key = id(module.weight) if module.weight is not None else None
+        tied_to = first_holder.get(key) if key is not None else None
+        if key is not None:
+            first_holder.setdefault(key, name)
+        rows.append(_row(name, module, tied_to))
+    return ModelSummary(model=type(model).__name__, rows=tuple(rows), skipped=skipped_layers(model))
 
 
 def weight_bytes(model: nn.Module) -> dict:

@@ -2,8 +2,10 @@
 activation products) and ``QAdd`` (residual adds).
 
 Each keeps its float parameters (same names, same ``state_dict`` keys) and quantizes on the fly by its recipe. In
-eval mode without autograd the quantized weight is cached and recomputed when the weight changes (its version
-counter or storage moves). ``QMatmul`` and ``QActivation`` (the two input quantizers of a ``QAdd``) have no
+eval mode without autograd the quantized weight is cached and recomputed when the weight changes: its version
+counter or storage moves, or its bits differ from the copy the cache was made from (an edit through ``.data``, as
+in ``layer.weight.data.mul_(0)``, bumps no version counter; comparing the bits is one read of the weight, cheaper
+than quantizing it again). ``QMatmul`` and ``QActivation`` (the two input quantizers of a ``QAdd``) have no
 weights: ``quantize_`` converts them by setting their recipe in place.
 
 :class:`QuantizedModule` is the protocol every quantized layer follows (a recipe, :meth:`~QuantizedModule.set_recipe`,
@@ -40,7 +42,7 @@ class QuantizedModule:
         per-module state (delayed-scaling amax histories) and the cached quantized weight."""
         self.recipe = _recipes.get(recipe)
         self._state = QF._State(self.recipe)
-        self._weight_cache: tuple[tuple, torch.Tensor] | None = None
+        self._weight_cache: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
 
     def weight_matrix(self) -> torch.Tensor | None:
         """The weight as the ``(out_features, reduction)`` matrix the forward GEMM multiplies and the recipe's
@@ -50,11 +52,12 @@ class QuantizedModule:
     def _cached_weight(self, quantize) -> torch.Tensor | None:
         if self.training or torch.is_grad_enabled() or self.recipe.is_identity:
             return None
-        w = self.weight
-        key = (w._version, w.data_ptr(), w.dtype, w.device)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = (key, quantize(w.detach()))
-        return self._weight_cache[1]
+        w = self.weight.detach()
+        key = (self.weight._version, w.data_ptr(), w.dtype, w.device, w.shape)
+        cache = self._weight_cache
+        if cache is None or cache[0] != key or not torch.equal(_bits(w), _bits(cache[1])):
+            self._weight_cache = cache = (key, w.clone(), quantize(w))
+        return cache[2]
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.recipe.name}"
@@ -63,6 +66,12 @@ class QuantizedModule:
         state = self.__dict__.copy()
         state["_weight_cache"] = None
         return state
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as integers, so that equality is exact (NaN equals the same NaN, -0 differs from +0)."""
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedModule]]:

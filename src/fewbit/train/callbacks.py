@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from fewbit.atomic import write_text
 from fewbit.train import checkpoint as ckpt
 from fewbit.train.gradstats import GradientStatistics
 from fewbit.train.precision import MasterWeights, Precision
@@ -128,7 +129,12 @@ class Evaluate(Callback):
 
 
 class MetricsLog(Callback):
-    """Each step's record as one JSON line, appended to ``path`` (rank 0)."""
+    """Each step's record as one JSON line in ``path`` (rank 0), flushed after every step.
+
+    The file holds exactly the steps of this run up to now: at the start, lines of steps after the one the run
+    starts from are dropped (a resumed run ran them after its newest checkpoint and will run them again; a new run
+    starts from step 0 and keeps none), as are lines that do not parse (a line cut short when the process was
+    killed). Then records are appended."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -137,6 +143,10 @@ class MetricsLog(Callback):
     def on_train_start(self, state: TrainState) -> None:
         if state.rank == 0:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.exists():
+                kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None
+                        and _step_of(line) <= state.step]
+                write_text(self.path, "".join(f"{line}\n" for line in kept))
             self.file = open(self.path, "a")  # closed in on_train_end
 
     def on_step_end(self, state: TrainState, record: dict) -> None:
@@ -148,6 +158,16 @@ class MetricsLog(Callback):
         if self.file is not None:
             self.file.close()
             self.file = None
+
+
+def _step_of(line: str) -> int | None:
+    """The ``step`` of one metrics line, or None for a line that is not a complete record."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
 
 
 class ProgressBar(Callback):

@@ -4,10 +4,18 @@ A checkpoint is a folder ``step-00001234`` holding ``tensors.safetensors`` (mode
 tensors, torch RNG state) and ``state.json`` (step, scaler, schedule, optimizer hyper-parameters, Python and NumPy
 RNG states, the model's signature and the config). It is written into a temporary folder, every file fsync'ed,
 then renamed into place, so a crash leaves either the old set of checkpoints or the new one, never half a file.
+
+**Integrity** (format version 2). ``state.json`` lists every tensor with its dtype, shape and checksum (the first 64
+bits of the sha256 of its bytes, :func:`tensor_checksum`), and the tensors file's metadata holds the sha256 of
+``state.json``; :func:`load` verifies both, so a flipped bit in either file, a truncated file, a missing or extra
+tensor, or an edited shape or dtype raises :class:`CheckpointError` naming the file and the tensor, and
+:func:`load_latest_valid` reports it and falls back to the previous checkpoint. Version 1 checkpoints (written
+before checksums) still load, with a warning.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -18,11 +26,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 PREFIX = "step-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: checksums of every tensor and of state.json; 1 (none) still loads, with a warning
+READABLE_VERSIONS = (1, 2)
+STATE_CHECKSUM_KEY = "fewbit_state_sha256"  # in the tensors file's metadata
+# 64 bits of a sha256: a random corruption goes unnoticed with probability 2^-64.
+_CHECKSUM_HEX_DIGITS = 16
 
 
 class CheckpointError(ValueError):
@@ -60,6 +73,42 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def tensor_checksum(t: torch.Tensor) -> str:
+    """The first 64 bits (16 hex digits) of the sha256 of a tensor's bytes as safetensors stores them (row-major,
+    little-endian)."""
+    data = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:_CHECKSUM_HEX_DIGITS]
+
+
+def tensor_manifest(tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """``{name: {"dtype", "shape", "sha256"}}`` of ``tensors``: what :func:`verify_tensors` checks them against."""
+    return {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape),
+                   "sha256": tensor_checksum(t)} for name, t in sorted(tensors.items())}
+
+
+def verify_tensors(tensors: dict[str, torch.Tensor], manifest: dict[str, dict], where: str,
+                   error: type[Exception] = ValueError) -> None:
+    """Raise ``error`` naming ``where`` and the tensor unless ``tensors`` are exactly ``manifest``'s: the same
+    names, dtypes, shapes and checksums."""
+    if not isinstance(manifest, dict):
+        raise error(f"{where}: its tensor list is not a mapping of name to dtype, shape and checksum")
+    missing, extra = sorted(set(manifest) - set(tensors)), sorted(set(tensors) - set(manifest))
+    if missing:
+        raise error(f"{where} is corrupted: tensor {missing[0]!r} is missing ({len(missing)} missing)")
+    if extra:
+        raise error(f"{where} is corrupted: tensor {extra[0]!r} is not in its list of tensors")
+    for name, t in tensors.items():
+        expected = manifest[name]
+        found = {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        for key in ("dtype", "shape"):
+            if expected.get(key) != found[key]:
+                raise error(f"{where} is corrupted: tensor {name!r} has {key} {found[key]}, recorded "
+                            f"{expected.get(key)}")
+        if expected.get("sha256") != tensor_checksum(t):
+            raise error(f"{where} is corrupted: tensor {name!r} does not match its checksum (a flipped bit or a "
+                        "damaged copy)")
+
+
 def model_signature(model: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in model.state_dict().items()}
 
@@ -74,14 +123,18 @@ def save(directory: str | os.PathLike, step: int, model: torch.nn.Module, optimi
     tensors.update(opt_tensors)
     tensors.update({k: v.detach().contiguous().cpu() for k, v in extra_tensors.items()})
     tensors["rng.torch"] = torch.get_rng_state()
+    tensors = _dedupe_storage(tensors)
     full_state = {
         "format_version": FORMAT_VERSION, "step": step, "optimizer": opt_meta,
         "rng_python": _python_rng(), "rng_numpy": _numpy_rng(), "signature": model_signature(model), **state,
+        "tensors": tensor_manifest(tensors),
     }
+    state_bytes = json.dumps(full_state).encode()
     tmp = Path(tempfile.mkdtemp(dir=directory, prefix=".tmp-"))
     try:
-        save_file(_dedupe_storage(tensors), tmp / "tensors.safetensors")
-        (tmp / "state.json").write_text(json.dumps(full_state))
+        (tmp / "tensors.safetensors").write_bytes(
+            save_bytes(tensors, metadata={STATE_CHECKSUM_KEY: hashlib.sha256(state_bytes).hexdigest()}))
+        (tmp / "state.json").write_bytes(state_bytes)
         for f in tmp.iterdir():
             with open(f, "rb+") as fh:
                 os.fsync(fh.fileno())
@@ -139,19 +192,35 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
 
 
 def load(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read one checkpoint folder; a missing, truncated or corrupted file raises :class:`CheckpointError`."""
+    """Read one checkpoint folder and verify it (module docstring, "Integrity"); a missing, truncated or corrupted
+    file raises :class:`CheckpointError` naming it."""
     path = Path(path)
     try:
-        state = json.loads((path / "state.json").read_text())
-        tensors = load_file(path / "tensors.safetensors")
+        state_bytes = (path / "state.json").read_bytes()
+        state = json.loads(state_bytes)
+        tensors = load_bytes((path / "tensors.safetensors").read_bytes())
+        with safe_open(path / "tensors.safetensors", "pt") as f:
+            metadata = f.metadata() or {}
     except FileNotFoundError as error:
         raise CheckpointError(f"checkpoint {path} is incomplete: {error.filename} is missing") from None
-    except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as error:
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError, ValueError) as error:
         raise CheckpointError(f"checkpoint {path} is truncated or corrupted ({type(error).__name__}: {error}); "
                               "resume from an earlier one") from None
-    if state.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} has format version {state.get('format_version')}; this fewbit "
-                              f"reads version {FORMAT_VERSION}")
+    version = state.get("format_version") if isinstance(state, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(f"checkpoint {path} has format version {version!r}; this fewbit reads versions "
+                              f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if version == 1:
+        warnings.warn(f"checkpoint {path} has no checksums (format version 1); it is loaded unverified",
+                      UserWarning, stacklevel=2)
+    else:
+        if metadata.get(STATE_CHECKSUM_KEY) != hashlib.sha256(state_bytes).hexdigest():
+            raise CheckpointError(f"checkpoint {path} is corrupted: {path / 'state.json'} does not match the checksum "
+                                  "recorded with its tensors (a flipped bit, an edit or a damaged copy)")
+        verify_tensors(tensors, state.get("tensors"), f"checkpoint {path / 'tensors.safetensors'}", CheckpointError)
+    missing = [key for key in ("step", "optimizer", "rng_python", "rng_numpy", "signature") if key not in state]
+    if missing or "rng.torch" not in tensors:
+        raise CheckpointError(f"checkpoint {path} is incomplete: no {(missing or ['rng.torch'])[0]!r}")
     return tensors, state
 
 

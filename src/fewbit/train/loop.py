@@ -30,6 +30,27 @@ unscaled, a non-finite gradient on *any* rank skips the step everywhere (and bac
 clipped (after unscaling), optimizer step, schedule step. Weight decay is the optimizer's and never sees the scale.
 Everything else (evaluation, logs, progress, checkpoints, early stop) is a callback (:mod:`fewbit.train.callbacks`).
 
+**Non-finite values.** A step is skipped (no optimizer step, so neither the weights nor the optimizer's moments see
+it) and counted in :attr:`TrainResult.skipped_steps` / ``skipped_at`` when its loss, any gradient, or a value
+entering a quantized layer (its input in the forward pass, its output gradient dY in the backward pass, checked
+*before* quantization: a saturating format would turn inf into its largest value and hide it) is inf or NaN. The
+loss scaler backs off as usual; delayed-scaling amax histories never record a non-finite amax
+(:class:`~fewbit.scaling.AmaxHistory`), so the next step computes as if the bad batch had not been seen. A run that
+skipped steps ends with a RuntimeWarning naming them (a few at the start under dynamic loss scaling are the scaler
+finding its scale); a run whose every step was skipped raises :class:`AllStepsSkipped`, unless a dynamic loss scaler
+was only backing off from its initial scale (finite losses and layer values whose scaled gradients overflowed; a
+scaler that reaches its floor and keeps overflowing raises :class:`~fewbit.train.LossScaleCollapse`).
+
+**Arguments.** ``grad_clip`` None or 0 means no clipping (as in the workload configs); otherwise a finite number >
+0. Every optimizer parameter group needs a finite learning rate >= 0; a loss scale must be finite and > 0.
+
+**Resuming** (``checkpoint_dir`` with ``resume=True``) continues from the newest checkpoint that loads and passes its
+checksums (a damaged newer one is reported with a warning and skipped). It is refused with
+:class:`~fewbit.train.CheckpointError` naming the difference when the model's shapes, the run's ``config``, or an
+optimizer hyper-parameter (``lr``, or ``initial_lr`` under a schedule; betas, weight decay...) differ from the
+checkpoint's, and when the checkpoint is beyond ``steps`` (it would return a model trained longer than asked).
+``resume=False`` into a folder that already holds checkpoints is refused too (the two runs' checkpoints would mix).
+
 Data is a function ``data(step, micro) -> batch`` of the position, so a resumed run sees exactly the batches it
 would have seen; under ``torchrun`` each rank takes its slice of the global batch (:func:`shard`).
 """
@@ -37,8 +58,11 @@ would have seen; under ``torchrun`` each rank takes its slice of the global batc
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,18 +84,24 @@ from fewbit.train.callbacks import (
     TrainState,
 )
 from fewbit.train.precision import Precision
-from fewbit.train.scaler import unscale_and_check
+from fewbit.train.scaler import DynamicScaler, unscale_and_check
+
+
+class AllStepsSkipped(RuntimeError):
+    """Every step of a run met a non-finite loss, gradient or quantized-layer value, so no step was taken."""
 
 
 @dataclass
 class TrainResult:
     """What a run did: optimizer steps done (``step``), the loss of each step run here, steps skipped for
-    non-finite gradients, the final loss scale (None without scaling), the evaluations (``{"step": ..., metric:
-    value}``), wall-clock seconds, and why it stopped before ``steps`` (None when it ran them all)."""
+    non-finite values (``skipped_steps``, and ``skipped_at``: their 1-based step numbers), the final loss scale
+    (None without scaling), the evaluations (``{"step": ..., metric: value}``), wall-clock seconds, and why it
+    stopped before ``steps`` (None when it ran them all)."""
 
     step: int
     losses: list[float] = field(default_factory=list)
     skipped_steps: int = 0
+    skipped_at: list[int] = field(default_factory=list)
     final_scale: float | None = None
     evals: list[dict] = field(default_factory=list)
     seconds: float = 0.0
@@ -152,10 +182,14 @@ def train(
     ``parallel``: under torchrun, "ddp" (DistributedDataParallel) or "fsdp" (FSDP2 ``fully_shard`` per layer with
     parameters, then the whole model: parameters, gradients and optimizer state sharded across ranks).
     """
-    if steps < 0 or grad_accum < 1:
-        raise ValueError(f"steps={steps}, grad_accum={grad_accum}; need steps >= 0 and grad_accum >= 1")
+    for name, value, low in (("steps", steps, 0), ("grad_accum", grad_accum, 1), ("checkpoint_every",
+                             checkpoint_every, 0), ("eval_every", eval_every, 0), ("keep_last", keep_last, 0),
+                             ("grad_stats_every", grad_stats_every, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"train: {name}={value!r}; it must be an int >= {low}")
     if parallel not in ("ddp", "fsdp"):
         raise ValueError(f"unknown parallel {parallel!r}; valid: ddp, fsdp")
+    grad_clip = check_grad_clip(grad_clip)
     precision = Precision.of(precision)
     scaler = precision.scaler(loss_scaling)
     built = _builtin_callbacks(eval_fn, eval_every, log_path, mllog_path, grad_stats_every,
@@ -163,14 +197,21 @@ def train(
                                checkpoint_dir if checkpoint_every else None, checkpoint_every, keep_last, progress)
     state = _setup(model, optimizer_fn, precision, scaler, lr_schedule, steps, grad_accum, grad_clip, config,
                    parallel, [*built, *callbacks], uses_checkpoints=checkpoint_dir is not None)
+    check_learning_rates(state.optimizer)
     if checkpoint_dir is not None and resume:
         _resume(state, checkpoint_dir)
+    elif checkpoint_dir is not None and ckpt.list_checkpoints(checkpoint_dir):
+        raise ckpt.CheckpointError(
+            f"checkpoint_dir {checkpoint_dir} already holds checkpoints (newest "
+            f"{ckpt.list_checkpoints(checkpoint_dir)[-1].name}) and resume=False: the two runs' checkpoints would "
+            "mix. Pass resume=True to continue them, or an empty checkpoint_dir to start over")
     state.result.step = state.step
     error = None
     try:
         for callback in state.callbacks:
             callback.on_train_start(state)
-        _run(state, data, loss_fn, grad_accum, grad_clip)
+        ran, searching = _run(state, data, loss_fn, grad_accum, grad_clip)
+        _check_skipped(state.result, ran, searching)
     except BaseException as raised:
         error = raised
         raise
@@ -183,6 +224,43 @@ def train(
     if state.world > 1:
         dist.barrier()
     return state.result
+
+
+def check_grad_clip(grad_clip: float | None) -> float | None:
+    """``grad_clip`` as the loop uses it: None (no clipping) for None or 0, else a finite number > 0 (a negative
+    max-norm would flip the gradients' sign)."""
+    if grad_clip is None:
+        return None
+    if isinstance(grad_clip, bool) or not isinstance(grad_clip, int | float) or not math.isfinite(grad_clip) \
+            or grad_clip < 0:
+        raise ValueError(f"grad_clip={grad_clip!r}; it must be a finite max-norm > 0, or 0/None for no clipping")
+    return float(grad_clip) if grad_clip > 0 else None
+
+
+def check_learning_rates(optimizer: torch.optim.Optimizer) -> None:
+    """Raise ValueError unless every parameter group of ``optimizer`` has a finite learning rate >= 0."""
+    for i, group in enumerate(optimizer.param_groups):
+        lr = group.get("lr")
+        value = float(lr) if isinstance(lr, int | float | torch.Tensor) and not isinstance(lr, bool) else math.nan
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"optimizer parameter group {i} has lr={lr!r}; a learning rate must be a finite number "
+                             ">= 0 (e.g. 1e-3)")
+
+
+def _check_skipped(result: TrainResult, ran: int, searching: int) -> None:
+    """Warn about skipped steps; raise :class:`AllStepsSkipped` when every step run here was skipped, unless only
+    because a dynamic loss scaler was still backing off from its initial scale (``searching`` such steps)."""
+    skipped = result.skipped_at
+    if ran and len(skipped) == ran and searching < ran:
+        raise AllStepsSkipped(
+            f"all {ran} step(s) met a non-finite loss, gradient or quantized-layer value (inf/NaN) and were "
+            "skipped; no step was taken. Check the data for inf/NaN, lower the learning rate, or train in a wider "
+            "precision (bf16, fp32)")
+    if skipped:
+        shown = ", ".join(map(str, skipped[:10])) + (", ..." if len(skipped) > 10 else "")
+        warnings.warn(f"train: {len(skipped)} of {ran} step(s) skipped for non-finite values (inf/NaN in the loss, "
+                      f"a gradient or a quantized layer's input or dY): step(s) {shown}. A few at the start under "
+                      "dynamic loss scaling are the scaler finding its scale", RuntimeWarning, stacklevel=3)
 
 
 def _builtin_callbacks(eval_fn, eval_every, log_path, mllog_path, grad_stats_every, grad_stats_dir, on_step,
@@ -235,11 +313,44 @@ def _resume(state: TrainState, directory) -> None:
     found = ckpt.load_latest_valid(directory)
     if found is None:
         return
-    _, tensors, saved = found
+    path, tensors, saved = found
     ckpt.check_compatible(_comparable(saved), state.model, state.run_config)
+    _check_optimizer_settings(saved, state.optimizer, path)
+    if int(saved["step"]) > state.steps:
+        raise ckpt.CheckpointError(
+            f"{path} is at step {saved['step']}, beyond steps={state.steps}: resuming would return a model trained "
+            f"for {saved['step']} steps. Ask for steps >= {saved['step']} to continue it, or use another "
+            "checkpoint_dir to train a new run")
     state.step = ckpt.restore_training(tensors, saved, state.model, state.optimizer, state.schedule, state.scaler)
     if state.master is not None:
         state.master.load_state_tensors(tensors)
+
+
+def _group_settings(groups: list[dict]) -> list[dict]:
+    """The hyper-parameters of each optimizer parameter group, as JSON would store them. Under an LR schedule the
+    current ``lr`` moves with the step and ``initial_lr`` is the setting; without one ``lr`` is."""
+    settings = []
+    for group in groups:
+        keys = [k for k in group if k != "params" and not (k == "lr" and "initial_lr" in group)]
+        settings.append(json.loads(json.dumps({k: group[k] for k in keys}, default=float)))
+    return settings
+
+
+def _check_optimizer_settings(saved: dict, optimizer: torch.optim.Optimizer, path) -> None:
+    """Refuse to resume when this run's optimizer settings differ from the checkpoint's (loading the checkpoint
+    would silently replace them with the saved ones)."""
+    before = _group_settings(saved["optimizer"]["param_groups"])
+    now = _group_settings(optimizer.param_groups)
+    if len(before) != len(now):
+        raise ckpt.CheckpointError(f"{path}: the checkpoint's optimizer has {len(before)} parameter group(s), this "
+                                   f"run's {len(now)}")
+    for i, (a, b) in enumerate(zip(before, now, strict=True)):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                raise ckpt.CheckpointError(
+                    f"{path}: the checkpoint's optimizer differs at parameter group {i} {key!r}: saved "
+                    f"{a.get(key)!r}, this run {b.get(key)!r}. Resume with the same setting, or train a new run "
+                    "in another checkpoint_dir")
 
 
 # The policies train() took before precision names were recipes, as the presets that compute the same.
@@ -261,11 +372,61 @@ def _comparable(saved: dict) -> dict:
     return {**saved, "config": config}
 
 
-def _run(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | None) -> None:
-    """The steps from ``state.step`` to ``state.steps``, or until a callback asks to stop."""
+class _NonFiniteWatch:
+    """Flags an inf or NaN entering a quantized layer: its floating inputs (forward hook) and the gradient of its
+    output dY (a hook on the output tensor, which autograd calls before the layer's backward quantizes dY). The flag
+    stays on the device; :meth:`take` reads it once per step."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+        from fewbit.nn import quantized_layers
+
+        self.flag = torch.zeros((), dtype=torch.bool, device=device)
+        self.handles = [module.register_forward_hook(self._forward) for _, module in quantized_layers(model)
+                        if isinstance(module, torch.nn.Module) and not module.recipe.is_identity]
+
+    def _note(self, tensor: torch.Tensor) -> None:
+        if tensor.is_floating_point() and tensor.numel():
+            self.flag.logical_or_(~torch.isfinite(tensor).all().to(self.flag.device))
+
+    def _forward(self, module, args, output) -> None:
+        if not module.training:
+            return  # an evaluation inside the run (Evaluate) is not a training step
+        for arg in args:
+            if isinstance(arg, torch.Tensor):
+                self._note(arg.detach())
+        if isinstance(output, torch.Tensor) and output.requires_grad:
+            output.register_hook(lambda grad: self._note(grad.detach()))
+
+    def take(self) -> bool:
+        """Whether a non-finite value was seen since the last call; resets the flag."""
+        seen = bool(self.flag)
+        self.flag.zero_()
+        return seen
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _run(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | None) -> tuple[int, int]:
+    """The steps from ``state.step`` to ``state.steps``, or until a callback asks to stop; returns how many ran,
+    and how many of them were skipped only for a dynamic loss scale still too high (the scaler's search)."""
+    watch = _NonFiniteWatch(state.model, state.device) if state.precision.quantizes_layers else None
+    try:
+        return _steps(state, data, loss_fn, grad_accum, grad_clip, watch)
+    finally:
+        if watch is not None:
+            watch.close()
+
+
+def _steps(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | None,
+           watch: _NonFiniteWatch | None) -> tuple[int, int]:
     net, optimizer, scaler, master = state.net, state.optimizer, state.scaler, state.master
     autocast = state.precision.autocast(state.device)
+    ran = searching = 0
     for step in range(state.step, state.steps):
+        if watch is not None:
+            watch.take()  # forget what evaluations between steps passed through the layers
         t0 = time.perf_counter()
         scale = scaler.scale if scaler is not None else 1.0
         loss_sum = 0.0
@@ -284,7 +445,14 @@ def _run(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | N
         if master is not None:
             master.take_grads()
         found_inf, grad_max = unscale_and_check(state.params, scale)
+        # Saturating quantizers turn inf into a finite value, so the gradients alone may look clean.
+        nonfinite_values = (watch is not None and watch.take()) or not math.isfinite(loss_sum)
+        if nonfinite_values:
+            found_inf, grad_max = True, math.inf
         found_inf = _any_rank(found_inf, state.device, state.world)
+        # Overflow of finite values scaled by a dynamic scale not yet at its floor: the scaler's search.
+        search = found_inf and not _any_rank(nonfinite_values, state.device, state.world) \
+            and isinstance(scaler, DynamicScaler) and scale > scaler.min_scale
         for callback in state.callbacks:
             callback.on_gradients(state, found_inf)
         skip = scaler.update(found_inf, grad_max) if scaler is not None else found_inf
@@ -296,6 +464,9 @@ def _run(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | N
                 master.copy_to_model()
         else:
             state.result.skipped_steps += 1
+            state.result.skipped_at.append(step + 1)
+            searching += bool(search)
+        ran += 1
         optimizer.zero_grad(set_to_none=True)
         if state.schedule is not None:
             state.schedule.step()
@@ -309,6 +480,7 @@ def _run(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | N
         if _any_rank(state.stop_reason is not None, state.device, state.world):
             state.request_stop("another rank asked to stop")
             break
+    return ran, searching
 
 
 def _fully_shard(model: torch.nn.Module) -> None:

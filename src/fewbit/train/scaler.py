@@ -25,11 +25,17 @@ class LossScaleCollapse(RuntimeError):
     """The dynamic loss scale sat at its minimum for too many overflowing steps in a row."""
 
 
+def _check_scale(what: str, value) -> float:
+    """``value`` as a float when it is a finite number > 0, else ValueError naming it (an infinite scale turns
+    every gradient into inf or NaN, so every step would be skipped)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} {value!r}; a loss scale must be a finite positive number (e.g. 1024, or 'dynamic')")
+    return float(value)
+
+
 class StaticScaler:
     def __init__(self, scale: float = 1.0) -> None:
-        if not scale > 0:
-            raise ValueError(f"loss scale {scale}; it must be positive")
-        self.scale = float(scale)
+        self.scale = _check_scale("loss scale", scale)
         self.skipped = 0
 
     def update(self, found_inf: bool, grad_max: float | None = None) -> bool:
@@ -50,6 +56,8 @@ class DynamicScaler(StaticScaler):
                  backoff_factor: float = 0.5, min_scale: float = 1.0, max_scale: float = 2.0**24,
                  max_min_hits: int = 10) -> None:
         super().__init__(init_scale)
+        _check_scale("min_scale", min_scale)
+        _check_scale("max_scale", max_scale)
         if not (0 < backoff_factor < 1 < growth_factor):
             raise ValueError(f"need 0 < backoff_factor < 1 < growth_factor, got {backoff_factor}, {growth_factor}")
         if not 0 < min_scale <= init_scale <= max_scale:
@@ -126,10 +134,10 @@ def make_scaler(kind: str | float | None) -> StaticScaler | None:
     """``None``/"none" -> no scaling; a number -> static; "dynamic"/"backoff" -> DynamicScaler; "logmax"."""
     if kind is None or kind == "none":
         return None
-    if isinstance(kind, int | float):
-        return StaticScaler(float(kind))
+    if isinstance(kind, int | float) and not isinstance(kind, bool):
+        return StaticScaler(kind)
     kinds = {"dynamic": DynamicScaler, "backoff": DynamicScaler, "logmax": LogMaxScaler}
-    if kind not in kinds:
+    if not isinstance(kind, str) or kind not in kinds:
         raise ValueError(f"unknown loss scaling {kind!r}; valid: none, a number, {', '.join(kinds)}")
     return kinds[kind]()
 

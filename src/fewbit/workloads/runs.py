@@ -5,6 +5,15 @@ recipe trains: its layers' high-precision parameters), ``run.json`` (workload, c
 metrics, timings, versions), the workload's artifacts (e.g. ``tokenizer.model``) and ``metrics.jsonl`` (one line
 per step). Everything is written atomically; loading never unpickles.
 
+**Integrity.** ``model.safetensors``'s metadata lists each tensor's dtype, shape and checksum and holds the sha256 of
+``run.json``, which holds the sha256 of each artifact; :func:`load` verifies all of them and raises ValueError naming
+the damaged file (a flipped bit, a truncated copy, a missing tensor, an edited shape), so a damaged run is never
+evaluated. Folders written before checksums load with a warning.
+
+**No silent replacement.** :func:`train` into a folder that already holds a run (``run.json``, the weights, the
+metrics or checkpoints) is refused unless ``overwrite=True`` (the old run's files are removed first) or
+``resume=True`` (its checkpoints are continued; needs ``checkpoint_every``).
+
 **Evaluation under a recipe** (:func:`evaluate_model`): a copy of the float model with its layers converted by the
 recipe (``quantize_``), under ``torch.autocast`` when the recipe sets ``autocast``; parameters stored in a narrower
 ``param_dtype`` are evaluated at their stored values in float32. A run's own metric is computed this way, under
@@ -16,10 +25,13 @@ Every verb (``study``, ``ptq``, ...) gets its models from here; no verb imports 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import platform
+import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +49,9 @@ from fewbit.workloads.data.cache import keyed_dir
 
 RUN_FILE = "run.json"
 WEIGHTS_FILE = "model.safetensors"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+RUN_FORMAT = "2"  # the version of the weights file's fewbit metadata; "2": checksums
 
 
 @dataclass
@@ -81,16 +96,27 @@ def optimizer_for(config):
 
 
 def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | None = None,
-          progress: bool = True, checkpoint_every: int = 0) -> Run:
+          progress: bool = True, checkpoint_every: int = 0, overwrite: bool = False, resume: bool = False) -> Run:
     """Train ``workload``'s model from scratch under ``recipe`` (a preset name, a Recipe, a dict or a YAML file);
     evaluate it on the valid split under the same recipe (:func:`evaluate_model`); save to ``out``.
 
-    ``checkpoint_every`` > 0 keeps resumable checkpoints in ``out/checkpoints`` (a rerun continues from them)."""
+    ``checkpoint_every`` > 0 keeps resumable checkpoints in ``out/checkpoints``. An ``out`` that already holds a
+    run is refused unless ``overwrite`` (replace it) or ``resume`` (continue its checkpoints, or start them when
+    there are none yet; a changed config is refused by the checkpoint)."""
     from fewbit.nn import dequantize_
     from fewbit.train import train as train_loop
+    from fewbit.train.loop import check_grad_clip
 
     recipe = _recipes.get(recipe)
     c = workload.config
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every={checkpoint_every!r}; use 0 for no checkpoints or N > 0 for one every N "
+                         "steps")
+    check_grad_clip(c.grad_clip)
+    if not (math.isfinite(c.lr) and c.lr >= 0):
+        raise ValueError(f"config key 'lr': {c.lr}; a learning rate must be a finite number >= 0 (e.g. lr=1e-3)")
+    if out is not None:
+        prepare_out(Path(out), overwrite=overwrite, resume=resume, checkpoint_every=checkpoint_every)
     if c.threads:
         torch.set_num_threads(c.threads)
     device = resolve_device(c.device)
@@ -103,9 +129,9 @@ def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | N
         steps=c.steps, precision=recipe,
         lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup, c.steps,
                                                                                      c.min_lr_ratio)),
-        grad_clip=c.grad_clip or None, eval_fn=lambda m: workload.evaluate(m, "valid"), eval_every=c.eval_every,
-        checkpoint_dir=out / "checkpoints" if out is not None and checkpoint_every else None,
-        checkpoint_every=checkpoint_every, log_path=out / "metrics.jsonl" if out is not None else None,
+        grad_clip=c.grad_clip, eval_fn=lambda m: workload.evaluate(m, "valid"), eval_every=c.eval_every,
+        checkpoint_dir=out / CHECKPOINTS if out is not None and checkpoint_every else None,
+        checkpoint_every=checkpoint_every, log_path=out / METRICS_FILE if out is not None else None,
         progress=progress, config={"workload": workload.name, **config_dict(c)},
     )
     train_seconds = time.perf_counter() - started
@@ -128,29 +154,115 @@ def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | N
     return run
 
 
+def prepare_out(out: Path, overwrite: bool = False, resume: bool = False, checkpoint_every: int = 0) -> None:
+    """Check that :func:`train` may write a run into ``out`` (see the module docstring); with ``overwrite``, remove
+    the old run's files (only those a run writes: its record, weights, metrics and checkpoints)."""
+    if overwrite and resume:
+        raise ValueError("overwrite and resume exclude each other: overwrite replaces the run in the folder, resume "
+                         "continues it")
+    if resume and not checkpoint_every:
+        raise ValueError(f"resume continues the checkpoints in {out / CHECKPOINTS}; give checkpoint_every "
+                         "(--checkpoint-every N) too")
+    held = [name for name in (RUN_FILE, WEIGHTS_FILE, METRICS_FILE, CHECKPOINTS) if (out / name).exists()]
+    if not held:
+        return
+    if overwrite:
+        for name in held:
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
+        return
+    has_checkpoints = (out / CHECKPOINTS).is_dir() and any((out / CHECKPOINTS).iterdir())
+    if resume and has_checkpoints:
+        return
+    if resume:
+        raise ValueError(f"{out} holds a run ({', '.join(held)}) but no checkpoints to resume; pass --overwrite "
+                         "(overwrite=True) to replace it, or another --out")
+    raise ValueError(f"{out} already holds a run ({', '.join(held)}); pass --overwrite (overwrite=True) to replace "
+                     "it, --resume (resume=True) to continue its checkpoints, or another --out")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def save(run: Run, out: str | Path) -> None:
+    """Write ``run`` into ``out`` (see the module docstring), each file atomically, with checksums."""
     from safetensors.torch import save
+
+    from fewbit.train.checkpoint import tensor_manifest
 
     out = Path(out)
     tensors = {k: v.detach().to("cpu").clone().contiguous() for k, v in run.model.state_dict().items()}
-    write_bytes(out / WEIGHTS_FILE, save(tensors, metadata={"workload": run.workload.name}))
-    for name, data in run.workload.artifacts().items():
+    artifacts = run.workload.artifacts()
+    run.record = {**run.record, "files": {name: _sha256(data) for name, data in artifacts.items()}}
+    text = json.dumps(run.record, indent=2) + "\n"
+    metadata = {"workload": run.workload.name, "fewbit_run": RUN_FORMAT,
+                "tensors": json.dumps(tensor_manifest(tensors)), "run_sha256": _sha256(text.encode())}
+    write_bytes(out / WEIGHTS_FILE, save(tensors, metadata=metadata))
+    for name, data in artifacts.items():
         write_bytes(out / name, data)
-    write_text(out / RUN_FILE, json.dumps(run.record, indent=2) + "\n")
+    write_text(out / RUN_FILE, text)
     run.path = out
 
 
-def load(path: str | Path, workload_name: str | None = None) -> Run:
-    """A saved run (its folder, or the ``model.safetensors`` inside it), its data prepared and weights loaded."""
-    from safetensors.torch import load_file
+def _read_weights(folder: Path, record_bytes: bytes, record: dict) -> dict[str, torch.Tensor]:
+    """The weights of a run folder, verified against their checksums and ``run.json``'s (module docstring)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load
 
+    from fewbit.train.checkpoint import verify_tensors
+
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{folder} is an incomplete run: {WEIGHTS_FILE} is missing")
+    try:
+        state = load(weights.read_bytes())
+        with safe_open(weights, "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights} is truncated or corrupted ({type(error).__name__}: {error}); train the run "
+                         "again or restore the file") from None
+    if "fewbit_run" not in metadata:
+        warnings.warn(f"{weights} has no checksums (written by an older fewbit); it is loaded unverified. Save the "
+                      "run again to add them", UserWarning, stacklevel=3)
+        return state
+    if metadata.get("run_sha256") != _sha256(record_bytes):
+        raise ValueError(f"{folder / RUN_FILE} is corrupted: it does not match the checksum recorded in {weights} "
+                         "(a flipped bit, an edit, or a copy interrupted between the two files)")
+    try:
+        manifest = json.loads(metadata.get("tensors", ""))
+    except json.JSONDecodeError:
+        raise ValueError(f"{weights} is corrupted: its list of tensors does not parse") from None
+    verify_tensors(state, manifest, str(weights))
+    for name, digest in (record.get("files") or {}).items():
+        artifact = folder / name
+        if not artifact.is_file():
+            raise FileNotFoundError(f"{folder} is an incomplete run: {name} is missing")
+        if _sha256(artifact.read_bytes()) != digest:
+            raise ValueError(f"{artifact} is corrupted: it does not match its checksum in {folder / RUN_FILE}")
+    return state
+
+
+def load(path: str | Path, workload_name: str | None = None) -> Run:
+    """A saved run (its folder, or the ``model.safetensors`` inside it), verified (module docstring), its data
+    prepared and weights loaded."""
     path = Path(path)
     folder = path.parent if path.is_file() else path
     record_file = folder / RUN_FILE
     if not record_file.is_file():
         raise FileNotFoundError(f"{path} is not a fewbit run: no {RUN_FILE} in {folder} (make one with "
                                 "`fewbit train <workload> --out DIR`)")
-    record = json.loads(record_file.read_text())
+    record_bytes = record_file.read_bytes()
+    try:
+        record = json.loads(record_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{record_file} is corrupted: not valid JSON ({error})") from None
+    missing_keys = [key for key in ("workload", "config") if not isinstance(record, dict) or key not in record]
+    if missing_keys:
+        raise ValueError(f"{record_file} is corrupted: it has no {missing_keys[0]!r}")
+    state = _read_weights(folder, record_bytes, record)
     if workload_name is not None and record["workload"] != workload_name:
         raise ValueError(f"{folder} holds a {record['workload']!r} run, not {workload_name!r}")
     cls = get(record["workload"])
@@ -159,8 +271,11 @@ def load(path: str | Path, workload_name: str | None = None) -> Run:
                  and p.is_file() and not p.name.endswith((".jsonl", ".json", ".png", ".md"))}
     workload = cls(config, artifacts=artifacts).setup()
     model = workload.build_model()
-    state = load_file(folder / WEIGHTS_FILE)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a shape that does not fit the config's model
+        first = str(error).strip().splitlines()[-1].strip()
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the {cls.name} model of its config: {first}") from None
     if missing or unexpected:
         raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the {cls.name} model of its config: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
@@ -224,7 +339,7 @@ def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str]
         return load(folder)
     if log:
         log(f"FP32 baseline: training {workload_name} ({workload.config.steps} steps), saving to {folder}")
-    return train(workload, "fp32", out=folder, progress=progress)
+    return train(workload, "fp32", out=folder, progress=progress, overwrite=True)
 
 
 def default_out(root: str, workload_name: str, config: str | None, overrides: Sequence[str]) -> Path:
