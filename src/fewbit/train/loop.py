@@ -411,7 +411,9 @@ class _NonFiniteWatch:
 def _run(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float | None) -> tuple[int, int]:
     """The steps from ``state.step`` to ``state.steps``, or until a callback asks to stop; returns how many ran,
     and how many of them were skipped only for a dynamic loss scale still too high (the scaler's search)."""
-    watch = _NonFiniteWatch(state.model, state.device) if state.precision.quantizes_layers else None
+    watch = _NonFiniteWatch(state.model, state.device)  # also a model converted before train() (QAT)
+    if not watch.handles:
+        watch = None
     try:
         return _steps(state, data, loss_fn, grad_accum, grad_clip, watch)
     finally:
