@@ -29,10 +29,16 @@ def _needs_the_kernel():
     assert native.available(), "a C++ compiler is present but the native MX kernel did not build"
 
 
-def hard_values(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
-    """N(0, 1) values over 60 binades, with the special values at fixed strides (so most blocks hold some)."""
+def finite_values(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """N(0, 1) values over 60 binades: blocks of finite values whose small elements fall below the element format's
+    subnormals (the kernel's fast path for finite blocks)."""
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-30, 30, shape, generator=gen).float())
+    return torch.randn(shape, generator=gen) * torch.exp2(torch.randint(-30, 30, shape, generator=gen).float())
+
+
+def hard_values(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    """:func:`finite_values` with the special values at fixed strides (so most blocks hold some)."""
+    x = finite_values(shape, seed)
     flat = x.view(-1)
     flat[::97] = float("nan")
     flat[5::101] = -float("nan")
@@ -76,8 +82,8 @@ def assert_same(native_result, reference) -> None:
 @pytest.mark.parametrize("name", MX_SPECS)
 def test_native_equals_reference(name, mode, rounding, monkeypatch):
     for shape, axis in LAYOUTS:
-        x = hard_values(shape)
-        assert_same(*both_ways(x, name, monkeypatch, scale_mode=mode, rounding=rounding, axis=axis))
+        for x in (hard_values(shape), finite_values(shape, seed=4), finite_values(shape, seed=5) * 2.0**-100):
+            assert_same(*both_ways(x, name, monkeypatch, scale_mode=mode, rounding=rounding, axis=axis))
 
 
 @pytest.mark.parametrize("name", MX_SPECS)
@@ -112,8 +118,8 @@ def test_compiled_mx_path_still_equals_eager(monkeypatch):
     """With the native kernel off, MX runs on the torch.compile path (as on GPUs); it stays exact."""
     monkeypatch.setenv("FEWBIT_NATIVE", "0")
     monkeypatch.setattr(native, "mx_pass", lambda *a, **k: pytest.fail("FEWBIT_NATIVE=0 must not run the kernel"))
-    for name in MX_SPECS:
-        assert_same(*both_ways(hard_values((6, 70)), name, monkeypatch, scale_mode="even"))
+    for name in ("mxfp8_e4m3", "mxfp4_e2m1", "mxint8"):  # one compile each; the formats with the most edge cases
+        assert_same(*both_ways(hard_values((6, 70)), name, monkeypatch))
 
 
 def test_missing_compiler_falls_back_loudly_once(monkeypatch, tmp_path):

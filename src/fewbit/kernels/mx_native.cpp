@@ -147,23 +147,53 @@ inline vi encode(vi bits, const Params& p) {
   return code | sign;
 }
 
+// round_bits<NEAREST_EVEN> for the usual case, in half the operations: a finite block (no NaN, no inf, not the NaN
+// scale code) of a format with zero and a normal smallest subnormal. Then |s| < 2^(emax + 2) and rounding the
+// value to the grid is one IEEE addition: y = |s| / quantum is exact (a power of two; y < 2^(m + 2) <= 2^23), and
+// (y + 2^23) - 2^23 is y rounded to an integer, ties to even, by the FPU. Below the smallest subnormal this gives 0
+// or one quantum (ties to 0, the even one), as the reference's tiny branch does. The tests hold it to the reference.
+inline bool plain_format(const Params& p) {
+  return (p.flags & (F_NO_ZERO | F_UNSIGNED_NAN)) == 0 && p.minsub >= (1 << 23) && p.m <= 21;
+}
+
+inline vi round_nearest_even_plain(vi bits, const Params& p) {
+  const int32_t emin = p.c - 150 + p.m;  // from C = emin + bias + mbits - m (ElementParams.as_tensor)
+  vi sign = bits & SIGN;
+  vi a = bits & ABS;
+  vi e = vmax((a >> 23) - 127, splat(emin));          // the exponent of the value's quantum, plus m
+  vf up = (vf)((p.m + 127 - e) << 23);                  // 2^(m - e): 1 / quantum
+  vf down = (vf)((e - p.m + 127) << 23);                // 2^(e - m): the quantum
+  vf y = (vf)a * up;
+  vi rounded = (vi)(((y + 8388608.0f) - 8388608.0f) * down);
+  vi limit = sign != 0 ? splat(p.maxneg) : splat(p.maxpos);
+  rounded = rounded > limit ? limit : rounded;
+  if (!(p.flags & F_SIGNED_ZERO)) sign = rounded == 0 ? vi{} : sign;
+  return sign | rounded;
+}
+
 // Eight elements of quantize.mx_apply / mx_elements: x * 2^-scale [* 2^fixed_point] (exact), rounded onto the grid,
 // then dequantized (FAKE) or encoded. A NaN x always lies in a block of the NaN scale code (its amax is NaN), whose
 // reciprocal is the positive quiet NaN; the reference's product is then that NaN, whatever x's sign, and so it is
 // here, independently of which NaN operand the hardware returns.
+// `plain`: every lane's block is finite and plain_format holds (round_nearest_even_plain applies).
 template <int R, bool FAKE>
 inline void elements(const float* x, vf reciprocal, float fixed, vf scale, const int32_t* random, const Params& p,
-                     float* out, uint8_t* codes) {
+                     bool plain, float* out, uint8_t* codes) {
   vf xv;
   std::memcpy(&xv, x, sizeof xv);
   vi sbits = (vi)(xv * reciprocal * fixed);
-  sbits = (((vi)reciprocal & ABS) > INF) ? splat(QNAN) : sbits;  // only the sign of a NaN matters to round_bits
-  vi rnd{};
-  if (R == STOCHASTIC) std::memcpy(&rnd, random, sizeof rnd);
-  vi rounded = round_bits<R>(sbits, p, rnd);
+  vi rounded;
+  if (R == NEAREST_EVEN && plain) {
+    rounded = round_nearest_even_plain(sbits, p);
+  } else {
+    sbits = (((vi)reciprocal & ABS) > INF) ? splat(QNAN) : sbits;  // only the sign of a NaN matters to round_bits
+    vi rnd{};
+    if (R == STOCHASTIC) std::memcpy(&rnd, random, sizeof rnd);
+    rounded = round_bits<R>(sbits, p, rnd);
+  }
   if (FAKE) {
     vi value = (vi)((vf)rounded * scale);
-    value = (rounded & ABS) > INF ? rounded : value;
+    if (!plain) value = (rounded & ABS) > INF ? rounded : value;
     std::memcpy(out, &value, sizeof value);
   } else {
     vb narrow = __builtin_convertvector(encode(rounded, p), vb);
@@ -174,13 +204,13 @@ inline void elements(const float* x, vf reciprocal, float fixed, vf scale, const
 // `n` (< W) elements through local buffers: the tail of a block or of a column chunk.
 template <int R, bool FAKE>
 inline void elements_tail(int64_t n, const float* x, vf reciprocal, float fixed, vf scale, const int32_t* random,
-                          const Params& p, float* out, uint8_t* codes) {
+                          const Params& p, bool plain, float* out, uint8_t* codes) {
   float xb[W] = {}, ob[W];
   int32_t rb[W] = {};
   uint8_t cb[W];
   std::memcpy(xb, x, n * sizeof(float));
   if (R == STOCHASTIC) std::memcpy(rb, random, n * sizeof(int32_t));
-  elements<R, FAKE>(xb, reciprocal, fixed, scale, rb, p, ob, cb);
+  elements<R, FAKE>(xb, reciprocal, fixed, scale, rb, p, plain, ob, cb);
   if (FAKE) std::memcpy(out, ob, n * sizeof(float));
   else std::memcpy(codes, cb, n);
 }
@@ -205,6 +235,7 @@ void rows_pass(const Pass& s, int nthreads) {
   const int64_t block = BS > 0 ? BS : s.block;
   const int64_t groups = s.outer * s.nblocks;
   const float up = fixed_point_up(p), down = fixed_point_down(p);
+  const bool plain_ok = plain_format(p);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t g = 0; g < groups; ++g) {
     const int64_t o = g / s.nblocks, b = g - o * s.nblocks;
@@ -219,6 +250,7 @@ void rows_pass(const Pass& s, int nthreads) {
       for (int64_t j = 0; j < n; ++j) amax = std::max(amax, xi[j] & ABS);
     }
     const int32_t c = scale_code(amax, p);
+    const bool plain = plain_ok & (amax < INF) & (c != 255);
     const vf reciprocal = splatf(e8m0_reciprocal(c));
     const vf scale = splatf(p.fixed_point ? e8m0_value(c) * down : e8m0_value(c));
     const float* x = s.x + start;
@@ -228,10 +260,10 @@ void rows_pass(const Pass& s, int nthreads) {
     if (!FAKE) s.scales[g] = uint8_t(c);
     int64_t j = 0;
     for (; j + W <= n; j += W)
-      elements<R, FAKE>(x + j, reciprocal, up, scale, rnd ? rnd + j : nullptr, p, out ? out + j : nullptr,
+      elements<R, FAKE>(x + j, reciprocal, up, scale, rnd ? rnd + j : nullptr, p, plain, out ? out + j : nullptr,
                         codes ? codes + j : nullptr);
     if (j < n)
-      elements_tail<R, FAKE>(n - j, x + j, reciprocal, up, scale, rnd ? rnd + j : nullptr, p,
+      elements_tail<R, FAKE>(n - j, x + j, reciprocal, up, scale, rnd ? rnd + j : nullptr, p, plain,
                              out ? out + j : nullptr, codes ? codes + j : nullptr);
   }
 }
@@ -245,6 +277,7 @@ void columns_pass(const Pass& s, int nthreads) {
   const int64_t chunks = (s.inner + CHUNK - 1) / CHUNK;
   const int64_t tasks = s.outer * s.nblocks * chunks;
   const float up = fixed_point_up(p), down = fixed_point_down(p);
+  const bool plain_ok = plain_format(p);
 #pragma omp parallel for num_threads(nthreads) schedule(static)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t ob = t / chunks, k = t - ob * chunks;
@@ -260,8 +293,10 @@ void columns_pass(const Pass& s, int nthreads) {
       for (int64_t i = 0; i < width; ++i) amax[i] = std::max(amax[i], xi[i] & ABS);
     }
     uint8_t* scales = FAKE ? nullptr : s.scales + ob * s.inner + c0;
+    bool plain = plain_ok;
     for (int64_t i = 0; i < width; ++i) {
       const int32_t c = scale_code(amax[i], p);
+      plain &= (amax[i] < INF) & (c != 255);
       reciprocal[i] = e8m0_reciprocal(c);
       scale[i] = p.fixed_point ? e8m0_value(c) * down : e8m0_value(c);
       if (!FAKE) scales[i] = uint8_t(c);
@@ -278,11 +313,11 @@ void columns_pass(const Pass& s, int nthreads) {
         std::memcpy(&r, reciprocal + i, sizeof r);  // past `width` only in the tail, whose extra lanes are dropped
         std::memcpy(&sc, scale + i, sizeof sc);
         if (i + W <= width)
-          elements<R, FAKE>(x + i, r, up, sc, rnd ? rnd + i : nullptr, p, out ? out + i : nullptr,
+          elements<R, FAKE>(x + i, r, up, sc, rnd ? rnd + i : nullptr, p, plain, out ? out + i : nullptr,
                             codes ? codes + i : nullptr);
         else
-          elements_tail<R, FAKE>(width - i, x + i, r, up, sc, rnd ? rnd + i : nullptr, p, out ? out + i : nullptr,
-                                 codes ? codes + i : nullptr);
+          elements_tail<R, FAKE>(width - i, x + i, r, up, sc, rnd ? rnd + i : nullptr, p, plain,
+                                 out ? out + i : nullptr, codes ? codes + i : nullptr);
       }
     }
   }
