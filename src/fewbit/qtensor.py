@@ -25,6 +25,7 @@ checksums) still load, with a UserWarning.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ from fewbit import atomic, formats
 from fewbit.choices import Overflow, Rounding, parse_choice
 from fewbit.formats import Format
 from fewbit.kernels import cast as cast_kernel
+from fewbit.kernels import native
 from fewbit.kernels import quantize as quantize_kernel
 from fewbit.kernels.e8m0 import e8m0_to_float
 from fewbit.scaling import (
@@ -415,6 +417,30 @@ def _mx_kernel(spec: QuantSpec, fake: bool):
                                      fmt.mbits, spec.fixed_point, spec.rounding)
 
 
+@functools.cache
+def _native_params(spec: QuantSpec) -> torch.Tensor:
+    fmt = spec.format
+    return native.mx_params(spec.scaling.scale_mode, spec.emax, float(spec.element_max), fmt.mbits, spec.fixed_point,
+                            tuple(spec.element_params.as_tensor(cast_kernel.FLOAT32).tolist()),
+                            tuple(fmt.encoding_params().as_tensor().tolist()))
+
+
+def _mx_native(x: torch.Tensor, spec: QuantSpec, fake: bool, generator: torch.Generator | None):
+    """The one-pass native kernel's result for an MX spec (fake: the float32 values; else codes and scales), or None
+    where it does not apply (not an MX spec, not on the CPU, empty, or the kernel unavailable). Stochastic rounding
+    draws the same random integers as the reference path, in its group layout, so both give the same result."""
+    if not spec.is_mx or x.device.type != "cpu" or x.numel() == 0 or not native.available():
+        return None
+    lay = layout(tuple(x.shape), spec.scaling)
+    x32 = x.float().contiguous()
+    random_bits = None
+    if spec.rounding == Rounding.STOCHASTIC:
+        groups = x.numel() // x.shape[lay.axis] * lay.padded // lay.group_size
+        random_bits = torch.randint(0, 1 << 23, (groups, lay.group_size), generator=generator, dtype=torch.int32)
+        random_bits = lay.from_groups(random_bits).contiguous()
+    return native.mx_pass(x32, lay.axis, lay.group_size, _native_params(spec), spec.rounding, fake, random_bits)
+
+
 def quantize(x: torch.Tensor, spec: str | QuantSpec, *, history: AmaxHistory | None = None,
              generator: torch.Generator | None = None, **overrides) -> QTensor:
     """Quantize ``x`` (float32, bfloat16, float16) by ``spec`` (a QuantSpec or a name such as ``"mxfp8_e4m3"``).
@@ -425,7 +451,12 @@ def quantize(x: torch.Tensor, spec: str | QuantSpec, *, history: AmaxHistory | N
     do not enter float scales (module docstring); NaN onto a format without a NaN code raises ValueError. An empty
     ``x`` gives an empty QTensor.
     """
-    spec, lay, xg, random_bits = _prepare(x, spec, overrides, generator, "quantize")
+    spec = get_spec(spec, **overrides)
+    formats._check_input(x, "quantize")
+    fast = _mx_native(x, spec, False, generator)
+    if fast is not None:
+        return QTensor(fast[0], fast[1], spec, x.shape, x.dtype)
+    spec, lay, xg, random_bits = _prepare(x, spec, {}, generator, "quantize")
     elem_params = spec.element_params.as_tensor(cast_kernel.FLOAT32).to(x.device)
     enc_params = spec.format.encoding_params().as_tensor().to(x.device)
     empty = xg.numel() == 0  # the kernels are not run on empty rows (nothing to compute, and no compile)
@@ -453,7 +484,12 @@ def fake_quantize(x: torch.Tensor, spec: str | QuantSpec, *, history: AmaxHistor
                   generator: torch.Generator | None = None, **overrides) -> torch.Tensor:
     """``quantize(x, spec).dequantize()`` in one fused pass, in ``x``'s dtype. NaN stays NaN (MX: the NaN
     scale makes the whole block NaN; float scales: only the NaN element). An empty ``x`` gives an empty result."""
-    spec, lay, xg, random_bits = _prepare(x, spec, overrides, generator, "fake_quantize")
+    spec = get_spec(spec, **overrides)
+    formats._check_input(x, "fake_quantize")
+    fast = _mx_native(x, spec, True, generator)
+    if fast is not None:
+        return fast.to(x.dtype)
+    spec, lay, xg, random_bits = _prepare(x, spec, {}, generator, "fake_quantize")
     elem_params = spec.element_params.as_tensor(cast_kernel.FLOAT32).to(x.device)
     empty = xg.numel() == 0
     if spec.is_mx:

@@ -14,13 +14,18 @@ import torch
 
 from fewbit.choices import Overflow, Rounding, ScaleMode
 from fewbit.kernels.cast import FLOAT32, encode_rounded, fast, round_bits, specialise
-from fewbit.kernels.e8m0 import e8m0_reciprocal, e8m0_to_float, mx_block_codes
+from fewbit.kernels.e8m0 import E8M0_NAN, e8m0_reciprocal, e8m0_to_float, mx_block_codes
 
 
 def mx_elements(xg: torch.Tensor, codes: torch.Tensor, elem_params: torch.Tensor, random_bits: torch.Tensor | None,
                 fixed_point: int, rounding: Rounding) -> torch.Tensor:
-    """The elements of rows with E8M0 scale ``codes``, rounded onto the element grid, in element units."""
+    """The elements of rows with E8M0 scale ``codes``, rounded onto the element grid, in element units.
+
+    A block of the NaN scale code (255: it holds a NaN, or its exponent overflowed) gives the positive quiet NaN
+    for every element. Written out because ``x * NaN`` with ``x`` itself NaN returns whichever operand's NaN the
+    hardware picks, and torch's loops order the operands differently for different row lengths."""
     scaled = xg * e8m0_reciprocal(codes)  # exact: multiplying by a power of two
+    scaled = torch.where(codes == E8M0_NAN, float("nan"), scaled)
     if fixed_point:  # MX integers: an implicit 2^-fixed_point on the element (MXINT8: 1.6 fixed point)
         scaled = scaled * float(1 << fixed_point)
     rounded = round_bits(scaled.view(torch.int32), elem_params, rounding, FLOAT32, Overflow.SATURATE, random_bits)
