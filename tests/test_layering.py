@@ -37,7 +37,7 @@ FLOORS: list[tuple[str, ...]] = [
     ("workloads",),
     ("mlperf",),
     ("report",),
-    ("study", "post_training", "sparsify", "bench", "ttq"),  # the verbs
+    ("study", "post_training", "sparsify", "bench", "ttq", "train_study"),  # the verbs
     ("cli", "__main__"),
 ]
 VERBS = set(FLOORS[-2])

@@ -140,6 +140,8 @@ def _progress_bar(console, title: str, enabled: bool):
 
 
 def _cmd_study(args: argparse.Namespace) -> int:
+    if args.train:
+        return _cmd_study_train(args)
     from fewbit import study
     from fewbit.report import study as render
 
@@ -172,6 +174,48 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
             console.print(renderable)
         console.print(render.summary_table(record))
         console.print(f"wrote {Path(record['out']) / 'ptq.json'} and report.md")
+    if args.json:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+def _cmd_ttq(args: argparse.Namespace) -> int:
+    from fewbit import ttq
+    from fewbit.report import ttq as render
+
+    recipes_ = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    with _json_mode(args.json) as console, _progress_bar(console, "ttq", not args.quiet) as bar:
+        task = bar.add_task("ttq", total=None, info="")
+
+        def on_run(info: str, done: int, total: int) -> None:
+            bar.update(task, info=info, completed=done, total=total)
+            if not args.quiet:
+                console.print(info)
+
+        record = ttq.run(args.workload, recipes_, args.runs, args.config, args.overrides, out=args.out,
+                         seed=args.seed, target=args.target, check=not args.no_check, on_run=on_run)
+    console.print(render.table(record))
+    for line in render.notes(record):
+        console.print(line)
+    console.print(f"wrote {Path(record['out']) / 'ttq.json'}, report.md and one MLPerf log per run "
+                  f"({record['out']}/<recipe>/result_<i>.txt)")
+    if args.json:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
+def _cmd_study_train(args: argparse.Namespace) -> int:
+    from fewbit import train_study
+    from fewbit.report import train_study as render
+
+    with _json_mode(args.json) as console, _progress_bar(console, "study --train", not args.quiet) as bar:
+        task = bar.add_task("study", total=None, info="")
+        record = train_study.run(
+            args.workload, args.config, args.overrides, [r for r in args.recipes.split(",") if r] if args.recipes
+            else (), out=args.out, split=args.split,
+            on_recipe=lambda info, done, total: bar.update(task, info=info, completed=done, total=total))
+    console.print(render.table(record))
+    console.print(f"wrote {Path(record['out']) / 'results.json'}, report.md, {render.PLOT}, {render.GRAD_PLOT}")
     if args.json:
         print(json.dumps(record, indent=2))
     return 0
@@ -228,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "a non-default config and the overrides, e.g. fewbit-study/vision-model=mobilenet_v2)")
     p.add_argument("--split", default="test", choices=["valid", "test"])
     p.add_argument("--retrain", action="store_true", help="train the baseline again instead of using the cache")
+    p.add_argument("--train", action="store_true", help="train from scratch under each recipe instead (default "
+                   "recipes: fp32, bf16, fp16_mixed, fp16 without loss scaling, fp8, mxfp8, mxfp6, mxfp4)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--json", action="store_true", help="also print results.json to stdout")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
@@ -266,6 +312,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print ptq.json to stdout (everything else to stderr)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.set_defaults(run=_cmd_ptq)
+
+    p = sub.add_parser("ttq", help="time to quality, MLPerf Training style: N runs per recipe to the workload's "
+                       "quality target, olympic score, RCP check, one MLPerf log per run",
+                       description="Each run trains from scratch to the workload's quality target (timed from "
+                       "run_start to run_stop; initialization untimed), at most the config's steps (then aborted). "
+                       "The score is the olympic mean of N runs (fastest and slowest dropped; more than one "
+                       "non-converged run: invalid), in seconds and in samples; the RCP test compares the samples "
+                       "to target with fewbit's FP32 reference. Writes ttq.json, report.md and <recipe>/result_<i>"
+                       ".txt MLPerf logs, each checked by mlperf_logging's compliance checker.")
+    p.add_argument("workload")
+    p.add_argument("--recipes", default="fp32,bf16,mxfp8", help="comma-separated preset recipes or YAML files "
+                   "(default fp32,bf16,mxfp8)")
+    p.add_argument("--runs", type=int, help="runs per recipe, at least 3 (default: 3 on the quick config; MLPerf's "
+                   "5 for vision, 10 for the others on other configs)")
+    p.add_argument("--config", help="a named config of the workload, or a .yaml path (default quick)")
+    p.add_argument("--target", type=float, help="replace the workload's quality target (a value of its metric)")
+    p.add_argument("--seed", type=int, default=0, help="the first run's seed (run i uses seed + i)")
+    p.add_argument("--out", help="output folder (default fewbit-ttq/<workload>)")
+    p.add_argument("--no-check", action="store_true", help="do not run the compliance checker on the logs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-run lines")
+    p.add_argument("--json", action="store_true", help="print ttq.json to stdout (everything else to stderr)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.set_defaults(run=_cmd_ttq)
     return parser
 
 

@@ -213,49 +213,213 @@ class Checkpoints(Callback):
 
 
 class MLPerfLog(Callback):
-    """MLPerf ``:::MLLOG`` events in ``path`` (rank 0; needs the ``mlperf-logging`` package): run_start, each
-    evaluation (``eval_accuracy`` for accuracy/bleu, ``eval_<name>`` otherwise; non-finite values left out), and
-    run_stop with status success, or aborted when training failed."""
+    """MLPerf Training ``:::MLLOG`` events in ``path``, written through ``mlperf_logging.mllog`` on rank 0 only
+    (every rank keeps the timing). Needs the ``mlperf-logging`` package.
 
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self.logger = None
+    The events follow the MLPerf Training rules: ``cache_clear``, the submission fields and ``init_start`` when
+    :meth:`start_init` is called (by a time-to-quality runner, before it builds the model), ``init_stop`` then the
+    hyper-parameters (``seed``, ``global_batch_size``, ``opt_name``, ``opt_base_learning_rate``, ...),
+    ``train_samples``, ``eval_samples`` and ``run_start`` when training starts (the first touch of the data comes
+    next), ``block_start``/``block_stop`` around the steps between evaluations (``samples_count`` in the metadata),
+    ``eval_start``/``eval_stop`` around an evaluation wrapped by :meth:`timed` (``Evaluate(log.timed(eval_fn),
+    every)``), ``eval_accuracy`` (the ``metric`` of each evaluation, with ``samples_count`` and ``epoch_num``; the
+    other metrics as ``eval_<name>``; non-finite values left out) and ``run_stop`` with ``status``: ``success``
+    when training ended without error and, given ``target`` (a :class:`StopAtTarget`), the target was reached;
+    ``aborted`` otherwise.
+
+    ``metric``: which evaluation metric is logged as ``eval_accuracy`` (None: ``accuracy`` or ``bleu``).
+    ``metadata``: more ``key: value`` events logged before ``run_start`` (``submission_benchmark``, ...: they
+    override the defaults). ``global_batch_size`` (default: the first batch's size times the world size) and
+    ``train_samples`` (to turn samples into ``epoch_num``) come from the caller who knows the data. Without
+    :meth:`start_init` the initialization interval is empty (``init_start`` and ``init_stop`` at ``run_start``).
+    After the run, :attr:`run_seconds` is run_start to run_stop (wall clock) and :attr:`init_seconds`
+    init_start to init_stop. Put it after :class:`Evaluate` and :class:`StopAtTarget` in the callback list (as
+    ``train()``'s built-ins are), so that it knows whether the run goes on after an evaluation.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, *, metric: str | None = None,
+                 target: StopAtTarget | None = None, global_batch_size: int | None = None,
+                 train_samples: int | None = None, eval_samples: int | None = None,
+                 metadata: dict | None = None, rank: int | None = None) -> None:
         try:
-            from mlperf_logging import mllog  # noqa: F401 - fail at construction, before training starts
+            from mlperf_logging.mllog import constants, mllog  # noqa: F401 - fail at construction, before training
         except ImportError as error:
             raise ValueError("mllog_path needs the mlperf-logging package: pip install mlperf-logging") from error
+        self.path = Path(path) if path is not None else None
+        self.metric, self.target = metric, target
+        self.global_batch_size, self.train_samples, self.eval_samples = global_batch_size, train_samples, eval_samples
+        self.metadata = dict(metadata or {})
+        self.rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+        self.logger = None
+        self._handler = None
+        self._init_started: float | None = None
+        self._init_stopped: float | None = None
+        self._run_started: float | None = None
+        self._run_stopped: float | None = None
+        self._block_open = False
+        self._state: TrainState | None = None
+        self.status: str | None = None
 
-    def on_train_start(self, state: TrainState) -> None:
-        if state.rank != 0:
+    # -- timing ------------------------------------------------------------------------------------------------
+    @property
+    def init_seconds(self) -> float | None:
+        if self._init_started is None or self._init_stopped is None:
+            return None
+        return self._init_stopped - self._init_started
+
+    @property
+    def run_seconds(self) -> float | None:
+        if self._run_started is None or self._run_stopped is None:
+            return None
+        return self._run_stopped - self._run_started
+
+    # -- the log -----------------------------------------------------------------------------------------------
+    def _open(self) -> None:
+        if self.logger is not None or self.path is None or self.rank != 0:
             return
-        from mlperf_logging import mllog
-        from mlperf_logging.mllog import constants
+        import logging
+
+        from mlperf_logging.mllog import mllog
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        mllog.config(filename=str(self.path))
-        self.logger = mllog.get_mllogger()
-        self.logger.event(key=constants.SUBMISSION_BENCHMARK, value="fewbit")
-        self.logger.event(key="fewbit_precision", value=state.run_config.get("precision"))
-        self.logger.start(key=constants.RUN_START)
+        # A logger of our own (not mllog's shared one): its file handler is this run's alone and nothing goes to
+        # stdout, so several runs in one process each write their own file.
+        logger = logging.getLogger(f"fewbit.mllog.{id(self)}")
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        self._handler = logging.FileHandler(self.path, mode="w")
+        logger.addHandler(self._handler)
+        self.logger = mllog.MLLogger(logger=logger, default_stack_offset=2)
+
+    def _close(self) -> None:
+        if self.logger is not None:
+            self.logger.logger.removeHandler(self._handler)
+            self._handler.close()
+            self.logger = self._handler = None
+
+    def _event(self, kind: str, key: str, value=None, metadata: dict | None = None) -> None:
+        if self.logger is not None:
+            getattr(self.logger, kind)(key=key, value=value, metadata=metadata)
+
+    def _samples(self, state: TrainState) -> int:
+        return state.step * (self.global_batch_size or 0)
+
+    def _position(self, state: TrainState) -> dict:
+        samples = self._samples(state)
+        position = {"samples_count": samples, "step_num": state.step}
+        if self.train_samples:
+            position["epoch_num"] = samples / self.train_samples
+        return position
+
+    def start_init(self) -> None:
+        """Open the log and write ``cache_clear``, the submission fields and ``init_start``: call it before the
+        model is built (everything until :meth:`on_train_start` is initialization, untimed)."""
+        from mlperf_logging.mllog import constants
+
+        if self._init_started is not None:
+            return
+        self._open()
+        self._event("event", constants.CACHE_CLEAR, True)
+        for key, value in {constants.SUBMISSION_ORG: "fewbit", constants.SUBMISSION_PLATFORM: _platform(),
+                           constants.SUBMISSION_DIVISION: "open", constants.SUBMISSION_STATUS: "research",
+                           constants.SUBMISSION_BENCHMARK: "fewbit", **self.metadata}.items():
+            if key.startswith("submission_"):
+                self._event("event", key, value)
+        self._event("start", constants.INIT_START)
+        self._init_started = time.perf_counter()
+
+    def on_train_start(self, state: TrainState) -> None:
+        from mlperf_logging.mllog import constants
+
+        self._state = state
+        self.start_init()
+        if self.global_batch_size is None:
+            self.global_batch_size = int(state.run_config.get("batch_size", 0)) or None
+        defaults = {constants.SEED: state.run_config.get("seed"),
+                    constants.GLOBAL_BATCH_SIZE: self.global_batch_size,
+                    constants.GRADIENT_ACCUMULATION_STEPS: state.run_config.get("grad_accum", 1),
+                    constants.OPT_NAME: type(state.optimizer).__name__.lower(),
+                    constants.OPT_BASE_LR: state.optimizer.param_groups[0].get("initial_lr",
+                                                                               state.optimizer.param_groups[0]["lr"]),
+                    constants.TRAIN_SAMPLES: self.train_samples, constants.EVAL_SAMPLES: self.eval_samples,
+                    "fewbit_precision": state.run_config.get("precision"), "world_size": state.world}
+        for key, value in {**defaults, **self.metadata}.items():
+            if value is not None and not key.startswith("submission_"):
+                self._event("event", key, value)
+        self._event("end", constants.INIT_STOP)
+        self._init_stopped = time.perf_counter()
+        self._event("start", constants.RUN_START)
+        self._run_started = time.perf_counter()
+        self._open_block(state)
+
+    def _open_block(self, state: TrainState) -> None:
+        from mlperf_logging.mllog import constants
+
+        if not self._block_open and state.step < state.steps and state.stop_reason is None:
+            self._event("start", constants.BLOCK_START, metadata={"first_epoch_num": self._position(state).get(
+                "epoch_num", 0.0), "epoch_count": 1, **self._position(state)})
+            self._block_open = True
+
+    def _close_block(self, state: TrainState) -> None:
+        from mlperf_logging.mllog import constants
+
+        if self._block_open:
+            self._event("end", constants.BLOCK_STOP, metadata={"first_epoch_num": self._position(state).get(
+                "epoch_num", 0.0), **self._position(state)})
+            self._block_open = False
+
+    def timed(self, eval_fn: Callable[[torch.nn.Module], dict]) -> Callable[[torch.nn.Module], dict]:
+        """``eval_fn`` bracketed by ``block_stop``, ``eval_start`` and ``eval_stop`` (the evaluation is on the
+        clock); give the result to :class:`Evaluate`."""
+        from mlperf_logging.mllog import constants
+
+        def evaluate(model: torch.nn.Module) -> dict:
+            state = self._state
+            if state is None:
+                return eval_fn(model)
+            self._close_block(state)
+            self._event("start", constants.EVAL_START, metadata=self._position(state))
+            metrics = eval_fn(model)
+            self._event("end", constants.EVAL_STOP, metadata=self._position(state))
+            return metrics
+
+        return evaluate
 
     def on_eval(self, state: TrainState, metrics: dict[str, float]) -> None:
-        if self.logger is None:
-            return
         from mlperf_logging.mllog import constants
 
+        self._close_block(state)
+        main = self.metric if self.metric is not None else next((m for m in ("accuracy", "bleu") if m in metrics),
+                                                                None)
         for name, value in metrics.items():
             if math.isfinite(value):
-                self.logger.event(key=constants.EVAL_ACCURACY if name in ("accuracy", "bleu") else f"eval_{name}",
-                                  value=value, metadata={"step_num": state.step})
+                key = constants.EVAL_ACCURACY if name == main else f"eval_{name}"
+                self._event("event", key, value, metadata={**self._position(state), "metric": name})
+
+    def on_step_end(self, state: TrainState, record: dict) -> None:
+        self._open_block(state)  # after an evaluation, the next block begins (unless the run is stopping)
 
     def on_train_end(self, state: TrainState, error: BaseException | None) -> None:
-        if self.logger is None:
-            return
         from mlperf_logging.mllog import constants
 
-        self.logger.end(key=constants.RUN_STOP, value=None,
-                        metadata={"status": "success" if error is None else "aborted", "step": state.result.step})
-        self.logger = None
+        self._close_block(state)
+        reached = self.target is None or self.target.reached is not None
+        self.status = constants.SUCCESS if error is None and reached else constants.ABORTED
+        self._run_stopped = time.perf_counter()
+        if self._run_started is None:  # the loop failed before on_train_start
+            self._run_started = self._run_stopped
+        self._event("end", constants.RUN_STOP, metadata={"status": self.status, "step": state.result.step,
+                                                         **self._position(state)})
+        self._close()
+
+
+def _platform() -> str:
+    """The machine, for ``submission_platform``: the CPU's architecture and cores, or the GPU."""
+    import platform
+
+    if torch.cuda.is_available():
+        return f"1x{torch.cuda.get_device_name(0)}"
+    return f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
 
 class GradientStats(Callback):

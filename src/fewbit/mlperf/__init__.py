@@ -1,0 +1,1 @@
+"""MLPerf-style measurement: time to quality for training (:mod:`fewbit.mlperf.training`)."""
