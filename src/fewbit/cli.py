@@ -221,6 +221,24 @@ def _cmd_study_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sparsify(args: argparse.Namespace) -> int:
+    from fewbit import sparsify
+    from fewbit.report import sparsity as render
+
+    with _json_mode(args.json) as console:
+        record = sparsify.run(
+            args.workload, args.pattern, args.config, args.overrides, args.recipe, args.steps,
+            permute=not args.no_permute, permute_time=args.permute_time, calib_batches=args.calib_batches,
+            tolerance=args.tolerance, limit=args.limit, out=args.out, progress=not args.quiet, log=console.print)
+        console.print(render.results_table(record))
+        console.print(render.verdict(record))
+        console.print(f"wrote {Path(record['out']) / 'sparsify.json'}, report.md, {render.plot_name(record)}; "
+                      f"retrained run: {record['run']} (`fewbit eval {args.workload} --checkpoint {record['run']}`)")
+    if args.json:
+        print(json.dumps(record, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewbit", description="Train, quantize, sparsify and benchmark "
                                      "neural networks in few bits.")
@@ -335,6 +353,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print ttq.json to stdout (everything else to stderr)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.set_defaults(run=_cmd_ttq)
+
+    p = sub.add_parser("sparsify", help="N:M (2:4) sparsity of the FP32 baseline: one-shot magnitude and Wanda, "
+                       "with and without channel permutations, and retrained with the masks fixed",
+                       description="Prune the FP32 baseline (trained or loaded as `fewbit study` does) to N:M along "
+                       "every Linear's and convolution's reduction dimension; evaluate one-shot magnitude and Wanda "
+                       "pruning, each with and without a channel-permutation search, then retrain the pruned model "
+                       "with its masks fixed (the workload's optimizer, schedule and steps) and evaluate it, on the "
+                       "valid and test splits. Writes sparsify.json, report.md, a plot, and the retrained run "
+                       "(retrained/, readable by `fewbit eval`).")
+    p.add_argument("workload")
+    p.add_argument("--pattern", default="2:4", help="N:M, e.g. 2:4 (default), 1:2, 4:8")
+    p.add_argument("--config", default="quick", help="a named config of the workload, or a .yaml path")
+    p.add_argument("--recipe", help="also evaluate every model under this recipe (2:4 composed with a number format, "
+                   "e.g. mxfp4); byte counts are the compressed ones")
+    p.add_argument("--steps", type=int, help="retrain for this many steps (default: the workload's own number)")
+    p.add_argument("--no-permute", action="store_true", help="skip the channel-permutation variants")
+    p.add_argument("--permute-time", type=float, default=1.0, help="seconds of permutation search per layer")
+    p.add_argument("--calib-batches", type=int, help="Wanda calibration batches (default: 512 examples' worth)")
+    p.add_argument("--tolerance", type=float, default=0.01, help="relative to |dense metric| (default 0.01: 1%%)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N examples (0: all; default: the config's "
+                   "eval_limit)")
+    p.add_argument("--out", help="output folder (default fewbit-sparsify/<workload>, suffixed like fewbit study's); "
+                   "the retrained run goes into its retrained/")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print sparsify.json to stdout (everything else to stderr)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.set_defaults(run=_cmd_sparsify)
     return parser
 
 

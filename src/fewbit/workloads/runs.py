@@ -2,8 +2,9 @@
 
 A run is one workload trained under one recipe, saved as a folder: ``model.safetensors`` (the float weights a
 recipe trains: its layers' high-precision parameters), ``run.json`` (workload, config, the full recipe, final
-metrics, timings, versions), the workload's artifacts (e.g. ``tokenizer.model``) and ``metrics.jsonl`` (one line
-per step). Everything is written atomically; loading never unpickles.
+metrics, timings, versions), the workload's artifacts (e.g. ``tokenizer.model``), ``metrics.jsonl`` (one line
+per step) and, for a pruned model, ``masks.safetensors`` (:func:`fewbit.sparsity.save_masks`, put back on
+load). Everything is written atomically; loading never unpickles.
 
 **Integrity.** ``model.safetensors``'s metadata lists each tensor's dtype, shape and checksum and holds the sha256 of
 ``run.json``, which holds the sha256 of each artifact; :func:`load` verifies all of them and raises ValueError naming
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from fewbit import recipes as _recipes
+from fewbit import sparsity
 from fewbit.atomic import write_bytes, write_text
 from fewbit.recipes import Recipe
 from fewbit.workloads import get
@@ -96,13 +98,16 @@ def optimizer_for(config):
 
 
 def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | None = None,
-          progress: bool = True, checkpoint_every: int = 0, overwrite: bool = False, resume: bool = False) -> Run:
-    """Train ``workload``'s model from scratch under ``recipe`` (a preset name, a Recipe, a dict or a YAML file);
-    evaluate it on the valid split under the same recipe (:func:`evaluate_model`); save to ``out``.
+          progress: bool = True, checkpoint_every: int = 0, overwrite: bool = False, resume: bool = False,
+          model: nn.Module | None = None, steps: int | None = None, callbacks: Sequence = ()) -> Run:
+    """Train ``workload``'s model under ``recipe`` (a preset name, a Recipe, a dict or a YAML file); evaluate it on
+    the valid split under the same recipe (:func:`evaluate_model`); save to ``out``.
 
     ``checkpoint_every`` > 0 keeps resumable checkpoints in ``out/checkpoints``. An ``out`` that already holds a
     run is refused unless ``overwrite`` (replace it) or ``resume`` (continue its checkpoints, or start them when
-    there are none yet; a changed config is refused by the checkpoint)."""
+    there are none yet; a changed config is refused by the checkpoint). ``model``: train these weights further
+    instead of a fresh model (e.g. a pruned baseline). ``steps``: fewer (or more) steps than the config's, the
+    warmup scaled to match. ``callbacks``: more training-loop callbacks."""
     from fewbit.nn import dequantize_
     from fewbit.train import train as train_loop
     from fewbit.train.loop import check_grad_clip
@@ -121,13 +126,17 @@ def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | N
         torch.set_num_threads(c.threads)
     device = resolve_device(c.device)
     workload.setup()
-    model = workload.build_model().to(device)
+    model = (workload.build_model() if model is None else model).to(device)
+    steps = c.steps if steps is None else steps
+    if steps < 1:
+        raise ValueError(f"steps={steps}; train at least 1 step")
+    warmup = c.warmup if steps == c.steps else max(1, round(c.warmup * steps / c.steps))
     out = Path(out) if out is not None else None
     started = time.perf_counter()
     result = train_loop(
         model, optimizer_for(c), lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
-        steps=c.steps, precision=recipe,
-        lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(c.warmup, c.steps,
+        steps=steps, precision=recipe, callbacks=callbacks,
+        lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps,
                                                                                      c.min_lr_ratio)),
         grad_clip=c.grad_clip, eval_fn=lambda m: workload.evaluate(m, "valid"), eval_every=c.eval_every,
         checkpoint_dir=out / CHECKPOINTS if out is not None and checkpoint_every else None,
@@ -203,6 +212,8 @@ def save(run: Run, out: str | Path) -> None:
     write_bytes(out / WEIGHTS_FILE, save(tensors, metadata=metadata))
     for name, data in artifacts.items():
         write_bytes(out / name, data)
+    if sparsity.masks(run.model):  # a pruned model: its masks beside the weights
+        sparsity.save_masks(run.model, out / sparsity.MASKS_FILE)
     write_text(out / RUN_FILE, text)
     run.path = out
 
@@ -267,8 +278,9 @@ def load(path: str | Path, workload_name: str | None = None) -> Run:
         raise ValueError(f"{folder} holds a {record['workload']!r} run, not {workload_name!r}")
     cls = get(record["workload"])
     config = cls.load_config(None, values=record["config"])
-    artifacts = {p.name: p.read_bytes() for p in folder.iterdir() if p.name not in (RUN_FILE, WEIGHTS_FILE)
-                 and p.is_file() and not p.name.endswith((".jsonl", ".json", ".png", ".md"))}
+    artifacts = {p.name: p.read_bytes() for p in folder.iterdir()
+                 if p.name not in (RUN_FILE, WEIGHTS_FILE, sparsity.MASKS_FILE) and p.is_file()
+                 and not p.name.endswith((".jsonl", ".json", ".png", ".md"))}
     workload = cls(config, artifacts=artifacts).setup()
     model = workload.build_model()
     try:
