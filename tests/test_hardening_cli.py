@@ -129,6 +129,21 @@ def test_internal_lookup_errors_do_not_reach_the_user_as_tracebacks(monkeypatch,
     assert _error(capsys) == "fewbit: error: StopIteration: StopIteration"
 
 
+@pytest.mark.parametrize("verdict", ["all skipped", "collapse"])
+def test_a_training_verdict_is_one_line(monkeypatch, capsys, verdict):
+    from fewbit.train import AllStepsSkipped, LossScaleCollapse
+
+    error = AllStepsSkipped("all 3 step(s) met a non-finite loss") if verdict == "all skipped" \
+        else LossScaleCollapse("gradients overflowed 10 steps in a row")
+
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_formats", fails)
+    assert main(["formats"]) == 2
+    assert _error(capsys) == f"fewbit: error: {error}"
+
+
 # ---- 6. a damaged run folder is refused by fewbit eval -----------------------------------------------------------
 
 
