@@ -20,6 +20,12 @@ from fewbit.train import checkpoint as ckpt
 from tests.test_train import adam, data, make_model, mse
 
 
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch):
+    # Small tensors: eager kernels are faster than compiling them (the compiled ones are tested against eager).
+    monkeypatch.setenv("FEWBIT_COMPILE", "0")
+
+
 def _with_inf_at(step_with_inf: int):
     def batches(step, micro):
         x, y = data(step, micro)
@@ -334,10 +340,9 @@ def _accuracy(model):
 
 
 @pytest.mark.parametrize("failure", ["no batches", "eval_fn raises"])
-def test_a_failed_ptq_restores_the_model_and_a_retry_works(failure, monkeypatch):
+def test_a_failed_ptq_restores_the_model_and_a_retry_works(failure):
     import fewbit
 
-    monkeypatch.setenv("FEWBIT_COMPILE", "0")
     model = _ptq_model()
     layers = list(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}
