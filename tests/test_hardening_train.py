@@ -58,6 +58,18 @@ def test_one_batch_with_inf_is_skipped_counted_and_the_run_recovers(precision):
         assert torch.isfinite(history.history).all()
 
 
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_a_skipped_step_leaves_batchnorm_running_statistics_finite(precision):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
+    with pytest.warns(RuntimeWarning, match=r"step\(s\) 2\b"):
+        result = train(model, adam, _with_inf_at(1), mse, steps=3, precision=precision, progress=False)
+    assert result.skipped_at == [2]
+    for buffer in model[1].buffers():
+        assert torch.isfinite(buffer.float()).all()
+    assert int(model[1].num_batches_tracked) == 2  # the skipped batch is not counted either
+
+
 def test_non_finite_dy_is_seen_before_a_saturating_quantizer_hides_it():
     class InfGradient(torch.autograd.Function):  # identity forward, inf gradient: the loss stays finite
         @staticmethod
