@@ -107,10 +107,11 @@ def test_eval_limit_must_not_be_negative(run_folder, capsys):
 def test_yaml_and_json_errors_are_one_line(tmp_path, capsys, run_folder):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n  weight: {\n")
-    for argv in (["train", "translate", "--recipe", str(bad), *TINY], ["train", "translate", "--config", str(bad)]):
+    for option in ("--recipe", "--config"):
         capsys.readouterr()
-        assert main([*argv, "--out", str(tmp_path / "y")]) == 2
-        _error(capsys)
+        assert main(["train", "translate", option, str(bad), *TINY, "--out", str(tmp_path / "y")]) == 2
+        message = _error(capsys)
+        assert str(bad) in message and "not valid YAML" in message
     (run_folder / "run.json").write_text('{"workload": "translate", ')
     capsys.readouterr()
     assert main(["eval", "translate", "--checkpoint", str(run_folder)]) == 2
@@ -127,6 +128,21 @@ def test_internal_lookup_errors_do_not_reach_the_user_as_tracebacks(monkeypatch,
     monkeypatch.setattr(cli, "_cmd_formats", lambda args: next(iter([])))
     assert main(["formats"]) == 2
     assert _error(capsys) == "fewbit: error: StopIteration: StopIteration"
+
+
+@pytest.mark.parametrize("verdict", ["all skipped", "collapse"])
+def test_a_training_verdict_is_one_line(monkeypatch, capsys, verdict):
+    from fewbit.train import AllStepsSkipped, LossScaleCollapse
+
+    error = AllStepsSkipped("all 3 step(s) met a non-finite loss") if verdict == "all skipped" \
+        else LossScaleCollapse("gradients overflowed 10 steps in a row")
+
+    def fails(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_formats", fails)
+    assert main(["formats"]) == 2
+    assert _error(capsys) == f"fewbit: error: {error}"
 
 
 # ---- 6. a damaged run folder is refused by fewbit eval -----------------------------------------------------------

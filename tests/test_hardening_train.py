@@ -20,6 +20,12 @@ from fewbit.train import checkpoint as ckpt
 from tests.test_train import adam, data, make_model, mse
 
 
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch):
+    # Small tensors: eager kernels are faster than compiling them (the compiled ones are tested against eager).
+    monkeypatch.setenv("FEWBIT_COMPILE", "0")
+
+
 def _with_inf_at(step_with_inf: int):
     def batches(step, micro):
         x, y = data(step, micro)
@@ -50,6 +56,18 @@ def test_one_batch_with_inf_is_skipped_counted_and_the_run_recovers(precision):
     assert all(torch.isfinite(p).all() for p in model.parameters())
     for history in _histories(model):
         assert torch.isfinite(history.history).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp8"])
+def test_a_skipped_step_leaves_batchnorm_running_statistics_finite(precision):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 1))
+    with pytest.warns(RuntimeWarning, match=r"step\(s\) 2\b"):
+        result = train(model, adam, _with_inf_at(1), mse, steps=3, precision=precision, progress=False)
+    assert result.skipped_at == [2]
+    for buffer in model[1].buffers():
+        assert torch.isfinite(buffer.float()).all()
+    assert int(model[1].num_batches_tracked) == 2  # the skipped batch is not counted either
 
 
 def test_non_finite_dy_is_seen_before_a_saturating_quantizer_hides_it():
@@ -334,10 +352,9 @@ def _accuracy(model):
 
 
 @pytest.mark.parametrize("failure", ["no batches", "eval_fn raises"])
-def test_a_failed_ptq_restores_the_model_and_a_retry_works(failure, monkeypatch):
+def test_a_failed_ptq_restores_the_model_and_a_retry_works(failure):
     import fewbit
 
-    monkeypatch.setenv("FEWBIT_COMPILE", "0")
     model = _ptq_model()
     layers = list(model)
     state = {k: v.clone() for k, v in model.state_dict().items()}

@@ -86,8 +86,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     _check_count("--checkpoint-every", args.checkpoint_every, "0 for no checkpoints or N > 0 for one every N steps")
     cls = workloads.get(args.workload)
-    recipe = recipes.get(args.recipe)
-    workload = cls(cls.load_config(args.config, args.overrides))
+    with _yaml_named("--recipe", args.recipe):
+        recipe = recipes.get(args.recipe)
+    with _yaml_named("--config", args.config):
+        workload = cls(cls.load_config(args.config, args.overrides))
     out = args.out or f"runs/{args.workload}-{recipe.name}"
     if not args.overwrite:  # refuse before any work; with --overwrite, runs.train clears the folder
         runs.prepare_out(Path(out), resume=args.resume, checkpoint_every=args.checkpoint_every)
@@ -102,6 +104,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _yaml_named(option: str, value: str | None):
+    """A YAML syntax error in the file given to ``option``, as a ValueError naming the option and the file."""
+    try:
+        yield
+    except yaml.YAMLError as error:
+        raise ValueError(f"{option} {value}: not valid YAML ({_one_line(error)})") from None
+
+
 def _check_count(option: str, value: int, expected: str) -> None:
     if value < 0:
         raise ValueError(f"{option} {value}: use {expected}")
@@ -113,7 +124,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None:
         _check_count("--limit", args.limit, "0 for the whole split or N > 0 for its first N examples")
     loaded = runs.load(args.checkpoint, args.workload)
-    recipe = loaded.recipe if args.recipe is None else recipes.get(args.recipe)
+    with _yaml_named("--recipe", args.recipe):
+        recipe = loaded.recipe if args.recipe is None else recipes.get(args.recipe)
     metrics = runs.evaluate(loaded, recipe, args.split, args.limit)
     as_trained = " (as trained)" if args.recipe is None else ""
     record = {"workload": args.workload, "checkpoint": str(args.checkpoint), "recipe": recipe.name + as_trained,
@@ -432,7 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _one_line(error: BaseException) -> str:
     """The message of an expected failure as one line (YAML and JSON errors span several)."""
     text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, KeyError | StopIteration | IndexError):
+    if isinstance(error, KeyError | StopIteration):
         text = f"{type(error).__name__}: {text}"  # their messages alone are just a key or nothing
     return text
 

@@ -31,15 +31,16 @@ clipped (after unscaling), optimizer step, schedule step. Weight decay is the op
 Everything else (evaluation, logs, progress, checkpoints, early stop) is a callback (:mod:`fewbit.train.callbacks`).
 
 **Non-finite values.** A step is skipped (no optimizer step, so neither the weights nor the optimizer's moments see
-it) and counted in :attr:`TrainResult.skipped_steps` / ``skipped_at`` when its loss, any gradient, or a value
-entering a quantized layer (its input in the forward pass, its output gradient dY in the backward pass, checked
-*before* quantization: a saturating format would turn inf into its largest value and hide it) is inf or NaN. The
-loss scaler backs off as usual; delayed-scaling amax histories never record a non-finite amax
-(:class:`~fewbit.scaling.AmaxHistory`), so the next step computes as if the bad batch had not been seen. A run that
-skipped steps ends with a RuntimeWarning naming them (a few at the start under dynamic loss scaling are the scaler
-finding its scale); a run whose every step was skipped raises :class:`AllStepsSkipped`, unless a dynamic loss scaler
-was only backing off from its initial scale (finite losses and layer values whose scaled gradients overflowed; a
-scaler that reaches its floor and keeps overflowing raises :class:`~fewbit.train.LossScaleCollapse`).
+it, and normalization layers' running statistics are put back as they were before it) and counted in
+:attr:`TrainResult.skipped_steps` / ``skipped_at`` when its loss, any gradient, or a value entering a quantized
+layer (its input in the forward pass, its output gradient dY in the backward pass, checked *before* quantization: a
+saturating format would turn inf into its largest value and hide it) is inf or NaN. The loss scaler backs off as
+usual; delayed-scaling amax histories never record a non-finite amax (:class:`~fewbit.scaling.AmaxHistory`), so the
+next step computes as if the bad batch had not been seen. A run that skipped steps ends with a RuntimeWarning naming
+them (a few at the start under dynamic loss scaling are the scaler finding its scale); a run whose every step was
+skipped raises :class:`AllStepsSkipped`, unless a dynamic loss scaler was only backing off from its initial scale
+(finite losses and layer values whose scaled gradients overflowed; a scaler that reaches its floor and keeps
+overflowing raises :class:`~fewbit.train.LossScaleCollapse`).
 
 **Arguments.** ``grad_clip`` None or 0 means no clipping (as in the workload configs); otherwise a finite number >
 0. Every optimizer parameter group needs a finite learning rate >= 0; a loss scale must be finite and > 0.
@@ -426,9 +427,12 @@ def _steps(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float |
     net, optimizer, scaler, master = state.net, state.optimizer, state.scaler, state.master
     autocast = state.precision.autocast(state.device)
     ran = searching = 0
+    running_stats = [b for m in state.model.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+                     for b in m.buffers(recurse=False)]
     for step in range(state.step, state.steps):
         if watch is not None:
             watch.take()  # forget what evaluations between steps passed through the layers
+        stats_before = [b.clone() for b in running_stats]  # a skipped step must not leave NaN in them
         t0 = time.perf_counter()
         scale = scaler.scale if scaler is not None else 1.0
         loss_sum = 0.0
@@ -465,6 +469,9 @@ def _steps(state: TrainState, data, loss_fn, grad_accum: int, grad_clip: float |
             if master is not None:
                 master.copy_to_model()
         else:
+            with torch.no_grad():
+                for buffer, before in zip(running_stats, stats_before, strict=True):
+                    buffer.copy_(before)
             state.result.skipped_steps += 1
             state.result.skipped_at.append(step + 1)
             searching += bool(search)

@@ -153,6 +153,7 @@ def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | N
         "metric": workload.metric,
         "valid": metrics,
         "train": {"steps": result.step, "seconds": round(train_seconds, 2), "skipped_steps": result.skipped_steps,
+                  "skipped_at": result.skipped_at,
                   "final_loss": result.losses[-1] if result.losses else None},
         "data": workload.info(),
         "versions": _versions(),
