@@ -42,6 +42,22 @@ def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> floa
     return statistics.median(times)
 
 
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Per name, the ``time_it`` of its callable in each of ``rounds`` rounds; every round visits every callable in
+    turn, so a slow spell of a shared machine hits all of them alike instead of one configuration."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times[name].append(time_it(fn, repeats=repeats, warmup=warmup))
+    return times
+
+
+def median_spread(times: list[float]) -> tuple[float, float]:
+    """The median of per-round times and the spread around it: half the range, in percent of the median."""
+    median = statistics.median(times)
+    return median, 50 * (max(times) - min(times)) / median
+
+
 def write_json(path: str | None, payload: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,9 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -134,15 +137,17 @@ inline vi to_int32(vf v) {
   return in_range ? __builtin_convertvector(v, vi) : splat(INT32_MIN);
 }
 
-// cast.encode_rounded: the codes of values already on the element grid.
-inline vi encode(vi bits, const Params& p) {
+// cast.encode_rounded: the codes of values already on the element grid. `plain`: the finite values of a finite block
+// (at most the element's max), where no value is NaN or inf and integers convert without a range check.
+inline vi encode(vi bits, const Params& p, bool plain) {
   vi magnitude = bits & ABS;
-  if (p.enc_is_int) return to_int32((vf)bits) & ((1 << (p.enc_mag_bits + p.enc_signed)) - 1);
+  const int32_t int_mask = (1 << (p.enc_mag_bits + p.enc_signed)) - 1;
+  if (p.enc_is_int) return (plain ? __builtin_convertvector((vf)bits, vi) : to_int32((vf)bits)) & int_mask;
   vi normal = (magnitude >> (23 - p.enc_m)) - ((127 - p.enc_bias) << p.enc_m);
-  vi subnormal = to_int32((vf)magnitude * float(p.enc_sub_scale));
+  vi subnormal = to_int32((vf)magnitude * float(p.enc_sub_scale));  // out of range for the normal values, unused
   const int32_t min_normal_bits = p.enc_sub_scale > 0 ? (127 - p.enc_bias + 1) << 23 : 0;
   vi code = magnitude < min_normal_bits ? subnormal : normal;
-  code = magnitude > INF ? splat(p.enc_nan) : (magnitude == INF ? splat(p.enc_inf) : code);
+  if (!plain) code = magnitude > INF ? splat(p.enc_nan) : (magnitude == INF ? splat(p.enc_inf) : code);
   vi sign = (bits < 0) & (p.enc_signed ? (1 << p.enc_mag_bits) : 0);
   return code | sign;
 }
@@ -171,6 +176,19 @@ inline vi round_nearest_even_plain(vi bits, const Params& p) {
   return sign | rounded;
 }
 
+// The low bytes of eight lanes (each 0..255) to memory. GCC's generic narrowing goes through scalar registers; with
+// AVX2, two unsigned saturating packs do it (exact here: every lane is already in 0..255).
+inline void store_bytes(uint8_t* to, vi lanes) {
+#ifdef __AVX2__
+  __m256i v = (__m256i)lanes;
+  __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(to), _mm_packus_epi16(words, words));
+#else
+  vb narrow = __builtin_convertvector(lanes, vb);
+  std::memcpy(to, &narrow, sizeof narrow);
+#endif
+}
+
 // Eight elements of quantize.mx_apply / mx_elements: x * 2^-scale [* 2^fixed_point] (exact), rounded onto the grid,
 // then dequantized (FAKE) or encoded. A NaN x always lies in a block of the NaN scale code (its amax is NaN), whose
 // reciprocal is the positive quiet NaN; the reference's product is then that NaN, whatever x's sign, and so it is
@@ -196,8 +214,7 @@ inline void elements(const float* x, vf reciprocal, float fixed, vf scale, const
     if (!plain) value = (rounded & ABS) > INF ? rounded : value;
     std::memcpy(out, &value, sizeof value);
   } else {
-    vb narrow = __builtin_convertvector(encode(rounded, p), vb);
-    std::memcpy(codes, &narrow, sizeof narrow);
+    store_bytes(codes, encode(rounded, p, plain) & 0xFF);  // & 0xFF: torch's int32 -> uint8 keeps the low byte
   }
 }
 
@@ -231,7 +248,7 @@ inline float fixed_point_down(const Params& p) { return 1.0f / float(1 << p.fixe
 // Blocks along the last axis: each block is `block` contiguous elements (fewer in the last, padded, block).
 template <int R, bool FAKE, int BS>
 void rows_pass(const Pass& s, int nthreads) {
-  const Params& p = *s.p;
+  const Params p = *s.p;  // a local copy: stores through uint8_t* could alias *s.p and force reloads
   const int64_t block = BS > 0 ? BS : s.block;
   const int64_t groups = s.outer * s.nblocks;
   const float up = fixed_point_up(p), down = fixed_point_down(p);
@@ -273,7 +290,7 @@ constexpr int64_t CHUNK = 256;
 
 template <int R, bool FAKE>
 void columns_pass(const Pass& s, int nthreads) {
-  const Params& p = *s.p;
+  const Params p = *s.p;  // a local copy: stores through uint8_t* could alias *s.p and force reloads
   const int64_t chunks = (s.inner + CHUNK - 1) / CHUNK;
   const int64_t tasks = s.outer * s.nblocks * chunks;
   const float up = fixed_point_up(p), down = fixed_point_down(p);

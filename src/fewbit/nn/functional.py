@@ -121,7 +121,12 @@ class QLinearFunction(torch.autograd.Function):
             if weight_q is None:
                 weight_q = quantize_operand(weight, recipe.weight, 1, recipe, state.history("weight"))
             y = F.linear(xq, weight_q, bias)
-        ctx.save_for_backward(x2, weight, xq, weight_q, in_mask)
+        # Only the operands a backward GEMM reuses are kept (per-tensor specs: the same along any axis); blocked
+        # specs are re-quantized along their backward axis from x2 and weight, so holding their forward form
+        # would only hold memory.
+        xq_keep = xq if recipe.input_backward == recipe.input and _per_tensor(recipe.input) else None
+        wq_keep = weight_q if recipe.weight_backward == recipe.weight and _per_tensor(recipe.weight) else None
+        ctx.save_for_backward(x2, weight, xq_keep, wq_keep, in_mask)
         ctx.recipe, ctx.state, ctx.x_shape, ctx.has_bias = recipe, state, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0])
 
@@ -135,17 +140,13 @@ class QLinearFunction(torch.autograd.Function):
         dyq_n = quantize_operand(dy2, g_spec, -1, recipe, state.history("grad_output"))
         dyq_t = dyq_n if _per_tensor(g_spec) else quantize_operand(dy2, g_spec, 0, recipe)
         if ctx.needs_input_grad[0]:
-            w_spec = recipe.weight_backward
-            wq_n = weight_q if weight_q is not None and w_spec == recipe.weight and _per_tensor(w_spec) else \
-                quantize_operand(weight, w_spec, 0, recipe)
+            wq_n = weight_q if weight_q is not None else quantize_operand(weight, recipe.weight_backward, 0, recipe)
             dx = dyq_n @ wq_n
             if in_mask is not None:
                 dx = dx * in_mask
             dx = dx.reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            i_spec = recipe.input_backward
-            reuse = xq is not None and i_spec == recipe.input and _per_tensor(i_spec)
-            xq_t = xq if reuse else quantize_operand(x2, i_spec, 0, recipe)
+            xq_t = xq if xq is not None else quantize_operand(x2, recipe.input_backward, 0, recipe)
             dw = dyq_t.t() @ xq_t
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
