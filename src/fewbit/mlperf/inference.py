@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -385,12 +385,13 @@ def _stdout_to_stderr():
 def measure_hints(workload: Workload, samples: Samples, backend: Backend, max_batch: int,
                   repeats: int = 3) -> Hints:
     """LoadGen's hints from a short warm-up on the first samples through the SUT's own batch path (collate,
-    predict, encode; it also compiles a ``compile`` backend): the best of ``repeats`` timings of one sample, of
-    one MultiStream query and of one batch of ``max_batch``. Then made safe: LoadGen generates queries for the
-    expected latency, so a latency hint is half the measured one (a faster SUT would run out of queries and the
-    run would be INVALID), and the Offline QPS hint 1.5 times the measured one (too few samples would end the run
-    before its minimum duration). The Server search starts at half the one-sample rate. The ``noop`` backend is
-    timed building its empty responses."""
+    predict, encode; it also compiles a ``compile`` backend): after one untimed call each, the best of ``repeats``
+    timings of one sample, of one MultiStream query and of one batch of ``max_batch``.
+
+    Then made safe: LoadGen generates queries for the expected latency, so a latency hint is half the measured one
+    (a faster SUT would run out of queries and the run would be INVALID), and the Offline QPS hint 1.5 times the
+    measured one (too few samples would end the run before its minimum duration). The Server search starts at
+    half the one-sample rate. The ``noop`` backend is timed building its empty responses."""
     if backend.is_noop:
         import mlperf_loadgen as lg
 
@@ -409,6 +410,7 @@ def measure_hints(workload: Workload, samples: Samples, backend: Backend, max_ba
         library.load(sorted(set(indices)))
         times = []
         with backend.running():
+            sut.run_batch(indices)  # untimed: first calls allocate, pick kernels, compile
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 sut.run_batch(indices)
@@ -421,6 +423,25 @@ def measure_hints(workload: Workload, samples: Samples, backend: Backend, max_ba
     offline = batch / best(batch)
     return Hints(single_latency_ns=max(1, int(single * 1e9 / 2)), multi_latency_ns=max(1, int(multi * 1e9 / 2)),
                  offline_qps=offline * 1.5, server_qps=0.5 / single)
+
+
+def corrected_hints(outcome: RunOutcome, hints: Hints) -> Hints | None:
+    """Hints from what a run measured, when the run is INVALID only because it ended before its minimum duration
+    (LoadGen generated too few queries for a SUT faster than its hints said); None otherwise. Offline: 3 times
+    the measured samples per second (a busy CPU's throughput moves by that much); SingleStream / MultiStream: a
+    quarter of the measured mean latency."""
+    failed = [name for name, ok in outcome.summary.checks.items() if not ok]
+    if outcome.valid or failed != ["Min duration satisfied"]:
+        return None
+    scenario, values = outcome.settings.scenario, outcome.detail.values
+    if scenario == "Offline" and values.get("result_samples_per_second"):
+        return replace(hints, offline_qps=3 * float(values["result_samples_per_second"]))
+    mean = values.get("result_mean_latency_ns")
+    if scenario == "SingleStream" and mean:
+        return replace(hints, single_latency_ns=max(1, int(mean / 4)))
+    if scenario == "MultiStream" and mean:
+        return replace(hints, multi_latency_ns=max(1, int(mean / 4)))
+    return None
 
 
 def search_server_qps(run: Callable[[float, int], RunOutcome], start_qps: float, trials: int = 6,
@@ -461,4 +482,5 @@ def score_accuracy(workload: Workload, samples: Samples, folder: str | Path) -> 
 
 
 __all__ = ["BackendError", "RunInterrupted", "RunOutcome", "SampleLibrary", "SystemUnderTest", "collate",
+           "corrected_hints",
            "decode_output", "encode_output", "measure_hints", "run_loadgen", "score_accuracy", "search_server_qps"]
