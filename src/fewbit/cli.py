@@ -251,6 +251,39 @@ def _cmd_sparsify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fewbit import bench
+    from fewbit.mlperf.inference import BackendError, RunInterrupted
+    from fewbit.report import bench as render
+
+    options = dict(config=args.config, overrides=args.overrides, limit=args.limit, onnx=args.onnx,
+                   official=args.official, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                   workers=args.workers, device=args.device, min_duration_ms=args.min_duration_ms,
+                   min_queries=args.min_queries, progress=not args.quiet)
+    with _json_mode(args.json) as console:
+        try:
+            if args.sweep:
+                result = bench.sweep(args.workload, args.scenario, [r for r in args.recipes.split(",") if r],
+                                     [b for b in args.backends.split(",") if b], out=args.out, mode=args.mode,
+                                     log=console.print, **{k: v for k, v in options.items() if k != "onnx"},
+                                     onnx=args.onnx)
+            else:
+                result = bench.run(args.workload, args.scenario, args.recipe, args.backend, args.mode, out=args.out,
+                                   checkpoint=args.checkpoint, server_qps=args.server_qps, log=console.print,
+                                   **options)
+        except BackendError as error:
+            print(f"fewbit: error: {error}", file=sys.stderr)
+            return 1
+        except RunInterrupted as error:
+            print(f"fewbit: {error}", file=sys.stderr)
+            return 130
+        console.print(render.table(result))
+        console.print(f"LoadGen's logs and the record: {result['out']}")
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewbit", description="Train, quantize, sparsify and benchmark "
                                      "neural networks in few bits.")
@@ -392,6 +425,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print sparsify.json to stdout (everything else to stderr)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.set_defaults(run=_cmd_sparsify)
+
+    p = sub.add_parser("bench", help="MLPerf Inference through LoadGen: a scenario, a recipe, a backend; "
+                       "performance beside accuracy",
+                       description="Runs the workload's FP32 baseline (cached, as `fewbit study` trains it) or "
+                       "--checkpoint under --recipe on --backend through MLPerf's LoadGen: the test split is the "
+                       "query sample library, accuracy mode is scored with the workload's metric. Quick settings "
+                       "by default (1 s minimum duration); --official keeps mlperf.conf's (600 s). LoadGen's logs "
+                       "and bench.json go to --out.")
+    p.add_argument("workload")
+    p.add_argument("--scenario", default="Offline", help="SingleStream, MultiStream, Server or Offline")
+    p.add_argument("--recipe", default="fp32", help="a preset recipe or a recipe YAML file (default fp32)")
+    p.add_argument("--backend", default="torch", help="torch, compile, ort, ort_int8 (with --onnx), fp8 (CUDA), "
+                   "noop")
+    p.add_argument("--mode", default="both", choices=["performance", "accuracy", "both"])
+    p.add_argument("--onnx", metavar="PATH", help="the ONNX file of ort_int8 (`fewbit ptq --onnx PATH`) or ort")
+    p.add_argument("--checkpoint", help="a run folder written by `fewbit train` (default: the cached FP32 baseline)")
+    p.add_argument("--config", help="a named config of the workload, or a .yaml path (default quick)")
+    p.add_argument("--limit", type=int, help="the first N test samples (0: all; default: the config's eval_limit)")
+    p.add_argument("--out", help="output folder (default fewbit-bench/<workload>/<scenario>-<backend>-<recipe>)")
+    p.add_argument("--official", action="store_true", help="mlperf.conf's durations and query counts (600 s)")
+    p.add_argument("--server-qps", type=float, help="Server: run at this target QPS instead of searching")
+    p.add_argument("--max-batch", type=int, help="largest batch the SUT forms (default by scenario)")
+    p.add_argument("--max-wait-ms", type=float, help="longest a batch waits to fill (default: Server a tenth of "
+                   "the latency bound, else 0)")
+    p.add_argument("--workers", type=int, default=1, help="SUT worker threads (default 1)")
+    p.add_argument("--device", default="cpu", help="where the PyTorch backends run (cpu, cuda)")
+    p.add_argument("--min-duration-ms", type=int, help="override the quick minimum duration")
+    p.add_argument("--min-queries", type=int, help="override the quick minimum query count")
+    p.add_argument("--sweep", action="store_true", help="run --recipes x --backends and print one table")
+    p.add_argument("--recipes", default="fp32,bf16", help="--sweep: comma-separated recipes (default fp32,bf16)")
+    p.add_argument("--backends", default="torch,ort", help="--sweep: comma-separated backends (default "
+                   "torch,ort; ort_int8 with --onnx)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--json", action="store_true", help="print the record to stdout (everything else to stderr)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
+    p.set_defaults(run=_cmd_bench)
     return parser
 
 
