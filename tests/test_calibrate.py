@@ -428,7 +428,7 @@ def test_ptq_rejects_bad_input(task):
         fewbit.ptq(_copy(model), "fp8_current", [train[0][:8]], never, methods=["max", "entropy"])
     assert ptq_methods("fp8_current") == [m for m in METHODS if m != "entropy"]  # the default: what applies
     assert ptq_methods("int8") == list(METHODS)
-    with pytest.raises(ValueError, match="eval_fn returned nan for the float model"):
+    with pytest.raises(ValueError, match="evaluate returned nan for the float model"):
         fewbit.ptq(_copy(model), "int8", [train[0][:8]], lambda m: math.nan)
 
 

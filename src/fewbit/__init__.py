@@ -31,6 +31,13 @@ def __getattr__(name: str):
         from fewbit.train.qat import qat
 
         return qat
+    # fewbit.study(model, evaluate=fn, recipes=[...]) is the study verb's module, which is callable (its
+    # model_study). The verbs stand above everything imported here, so they load on first use: `import fewbit`
+    # stays at the library's floor (the runs layer reads fewbit.__version__).
+    if name == "study":
+        import importlib
+
+        return importlib.import_module("fewbit.study")
     raise AttributeError(f"module 'fewbit' has no attribute {name!r}")
 
 
@@ -74,6 +81,7 @@ __all__ = [
     "replace_module",
     "scaling",
     "spec_names",
+    "study",
     "summary",
     "unpack",
 ]

@@ -425,7 +425,7 @@ def calibrate(model: nn.Module, batches: Iterable, method: str = "entropy", *, r
 
 @dataclass
 class PTQReport:
-    """What :func:`ptq` did. Metrics are ``eval_fn``'s; ``sensitivity[layer]`` is the metric with only that layer
+    """What :func:`ptq` did. Metrics are ``evaluate``'s; ``sensitivity[layer]`` is the metric with only that layer
     quantized (empty when the calibrated model was already within tolerance); ``steps`` lists each evaluation in
     order (``{"step", "metric", "float_layers"}``)."""
 
@@ -486,15 +486,16 @@ def ptq_methods(recipe: Recipe | str, methods: Iterable[str] | None = None) -> l
     return methods
 
 
-def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn: Callable[[nn.Module], float], *,
+def ptq(model: nn.Module, recipe: Recipe | str = "int8", calibration: Iterable | None = None,
+        evaluate: Callable[[nn.Module], float] | None = None, *,
         tolerance: float = 0.01, higher_is_better: bool = True, methods: Iterable[str] | None = None,
         max_float_layers: int | None = None, forward_fn: Callable[[nn.Module, object], object] | None = None,
         progress: bool = False) -> tuple[nn.Module, PTQReport]:
     """Post-training quantization of a float ``model`` by ``recipe`` (e.g. ``"int8"``: per-channel weights,
     per-tensor activations), the INT8 paper's workflow, in place:
 
-    1. ``eval_fn(model)`` on the float model (a float; ``higher_is_better=False`` for losses, WER, perplexity);
-    2. convert, collect the input histograms once over ``calib_batches``, then evaluate every calibrator in
+    1. ``evaluate(model)`` on the float model (a float; ``higher_is_better=False`` for losses, WER, perplexity);
+    2. convert, collect the input histograms once over ``calibration`` (batches), then evaluate every calibrator in
        ``methods`` (default: every one that applies, :func:`ptq_methods`; no further pass over the calibration
        data) and keep the best;
     3. if the metric is more than ``tolerance`` (relative to ``|float metric|``) worse than float, rank the
@@ -507,6 +508,9 @@ def ptq(model: nn.Module, recipe: Recipe | str, calib_batches: Iterable, eval_fn
     layers, recipes and training modes) before the error propagates, so a retry starts from the float model.
     """
     started = time.perf_counter()
+    if calibration is None or evaluate is None:
+        raise TypeError("ptq needs calibration= (batches of model inputs) and evaluate= (model -> metric), e.g. "
+                        "fewbit.ptq(model, 'int8', calibration=batches, evaluate=accuracy)")
     recipe = _recipes.get(recipe)
     methods = ptq_methods(recipe, methods)
     if not tolerance >= 0:
@@ -543,25 +547,25 @@ def _ptq(model, recipe, calib_batches, eval_fn, tolerance, higher_is_better, met
         console = Console(stderr=True)
     steps: list[dict] = []
 
-    def evaluate(step: str, float_layers: list[str]) -> float:
+    def scored(step: str, float_layers: list[str]) -> float:
         model.eval()
         with torch.no_grad():
-            metric = float(eval_fn(model))
+            metric = float(evaluate(model))
         steps.append({"step": step, "metric": metric, "float_layers": list(float_layers)})
         if console is not None:
             console.log(f"ptq {step}: {metric:.6g}")
         return metric
 
-    float_metric = evaluate("float", [])
+    float_metric = scored("float", [])
     if not math.isfinite(float_metric):
-        raise ValueError(f"ptq: eval_fn returned {float_metric} for the float model; a tolerance relative to it "
-                         "means nothing (check the model and eval_fn)")
+        raise ValueError(f"ptq: evaluate returned {float_metric} for the float model; a tolerance relative to it "
+                         "means nothing (check the model and evaluate)")
     quantize_(model, recipe)
-    calibration = collect(model, calib_batches, forward_fn=forward_fn)
+    calibration = collect(model, calibration, forward_fn=forward_fn)
     metrics = {}
     for method in methods:
         calibration.apply(model, method)
-        metrics[method] = evaluate(f"calibrator {method}", [])
+        metrics[method] = scored(f"calibrator {method}", [])
     chosen = min(methods, key=lambda m: _badness(metrics[m], higher_is_better))
     layer_amax = calibration.apply(model, chosen)
     calibrated = metrics[chosen]
@@ -577,7 +581,7 @@ def _ptq(model, recipe, calib_batches, eval_fn, tolerance, higher_is_better, met
 
         for name in quantized:
             set_quantized({name})
-            sensitivity[name] = evaluate(f"sensitivity {name}", [n for n in quantized if n != name])
+            sensitivity[name] = scored(f"sensitivity {name}", [n for n in quantized if n != name])
         worst_first = sorted(quantized, key=lambda n: _badness(sensitivity[n], higher_is_better), reverse=True)
         sensitivity = {name: sensitivity[name] for name in worst_first}
         limit = len(worst_first) if max_float_layers is None else min(max_float_layers, len(worst_first))
@@ -585,7 +589,7 @@ def _ptq(model, recipe, calib_batches, eval_fn, tolerance, higher_is_better, met
         for k in range(1, limit + 1):
             float_layers = worst_first[:k]
             set_quantized(set(quantized) - set(float_layers))
-            final = evaluate(f"{k} layer(s) in float", float_layers)
+            final = scored(f"{k} layer(s) in float", float_layers)
             if within_tolerance(final, float_metric, tolerance, higher_is_better):
                 break
         for rank, name in enumerate(float_layers, 1):

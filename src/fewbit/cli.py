@@ -284,6 +284,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_hf(args: argparse.Namespace) -> int:
+    from fewbit.workloads import hf
+
+    out = hf.export_lm(args.checkpoint, args.out)
+    _console().print(f"wrote {out}/ (GPT2LMHeadModel, byte tokenizer); score it with `fewbit study hf --path {out}`")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewbit", description="Train, quantize, sparsify and benchmark "
                                      "neural networks in few bits.")
@@ -461,6 +469,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the record to stdout (everything else to stderr)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help=overrides_help)
     p.set_defaults(run=_cmd_bench)
+
+    p = sub.add_parser("export-hf", help="save a fewbit lm run as a Hugging Face folder (GPT2LMHeadModel, byte "
+                       "tokenizer), for `fewbit study hf --path DIR` and transformers")
+    p.add_argument("checkpoint", help="an lm run folder written by `fewbit train lm --out DIR`")
+    p.add_argument("--out", required=True, help="the Hugging Face folder to write")
+    p.set_defaults(run=_cmd_export_hf)
     return parser
 
 

@@ -35,6 +35,8 @@ int32 and requantizes with float multipliers; both are reported, with their diff
 Writes ``ptq.json`` (the :class:`~fewbit.PTQReport` fields, plus the workload, its config, the checkpoint, the
 calibration batches, the tolerance rule and the test-split metrics of both models) and ``report.md`` into the
 output folder, atomically. The record is rendered by :mod:`fewbit.report.ptq`.
+
+The same workflow on any model with any metric, no workload needed: :func:`model_ptq`.
 """
 
 from __future__ import annotations
@@ -43,15 +45,18 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
 from fewbit import recipes as _recipes
 from fewbit.atomic import write_text
 from fewbit.calibrate import ptq, ptq_methods, within_tolerance
 from fewbit.nn import fold_batchnorm_
+from fewbit.recipes import Recipe
 from fewbit.report import ptq as render
 from fewbit.workloads import get, runs
 from fewbit.workloads.base import config_dict, model_device, to_device
@@ -144,6 +149,54 @@ def run(workload_name: str, recipe: str = "int8", config: str | None = None, ove
     write_text(out / "ptq.json", json.dumps(record, indent=2) + "\n")
     write_text(out / "report.md", render.markdown(record))
     return record
+
+
+def model_ptq(model: nn.Module, evaluate: Callable[[nn.Module], float], calibration: Iterable,
+              recipe: str | Recipe = "int8", *, test: Callable[[nn.Module], float | dict[str, float]] | None = None,
+              metric: str = "metric", higher_is_better: bool = True, tolerance: float = 0.01,
+              methods: Sequence[str] | None = None, max_float_layers: int | None = None,
+              forward: Callable[[nn.Module, Any], Any] | None = None, name: str | None = None,
+              progress: bool = False) -> tuple[nn.Module, dict]:
+    """Post-training quantization of any float ``model``, as ``fewbit ptq`` does for a workload: BatchNorm folded,
+    then :func:`fewbit.ptq` (calibrate on ``calibration``, a list or iterable of batches run by ``forward(model,
+    batch)``, default ``model(batch)``; choose the calibrator by ``evaluate(model)``, a number; leave the most
+    sensitive layers in float until within ``tolerance``). ``test(model)``, when given, scores the float and the
+    quantized model on held-out data (a number, or a dict holding ``metric``).
+
+    Returns ``(quantized model, record)``, the record with the fields ``ptq.json`` has (``workload`` is ``name``,
+    default the model's class name; ``test`` only with ``test``), which :func:`fewbit.report.ptq.calibration_tables`
+    and, with ``test``, :func:`fewbit.report.ptq.summary_table` render. ``model`` is changed in place."""
+    started = time.perf_counter()
+    recipe = _recipes.get(recipe)
+    methods = ptq_methods(recipe, methods)
+    model.eval()
+    folded = fold_batchnorm_(model)
+
+    def scored(m) -> dict[str, float]:
+        value = test(m)
+        return {k: float(v) for k, v in value.items()} if isinstance(value, dict) else {metric: float(value)}
+
+    test_float = scored(model) if test is not None else None
+    batches = list(calibration)
+    model, report = ptq(model, recipe, batches, evaluate, tolerance=tolerance, higher_is_better=higher_is_better,
+                        methods=methods, max_float_layers=max_float_layers, forward_fn=forward, progress=progress)
+    record = {
+        "workload": name or type(model).__name__,
+        "metric": metric,
+        "split": "evaluate",
+        "limit": 0,
+        **report.to_dict(),
+        "tolerance_rule": tolerance_rule(metric, higher_is_better, tolerance),
+        "calibration": {"first_step": 0, "batches": len(batches), "examples": None, "methods": methods},
+        "folded_batchnorms": [f"{conv} <- {bn}" for conv, bn in folded],
+        "checkpoint": None,
+        "config": {},
+        "total_seconds": round(time.perf_counter() - started, 2),
+        "qat": None,
+    }
+    if test is not None:
+        record["test"] = {"float": test_float, "quantized": scored(model)}
+    return model, _finite(record)
 
 
 def _fine_tune(workload, model, report, metric_of, progress: bool) -> dict:

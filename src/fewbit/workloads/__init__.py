@@ -15,6 +15,7 @@ _REGISTRY = {
     "lm": ("fewbit.workloads.lm", "LanguageModel"),
     "vision": ("fewbit.workloads.vision", "Vision"),
     "asr": ("fewbit.workloads.asr", "SpeechRecognition"),
+    "hf": ("fewbit.workloads.hf", "HuggingFace"),
 }
 
 

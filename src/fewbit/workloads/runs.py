@@ -340,6 +340,8 @@ def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str]
 
     cls = get(workload_name)
     workload = cls(cls.load_config(config, overrides))
+    if getattr(cls, "pretrained", False):
+        return pretrained(workload, log)
     key = {"workload": workload_name, "config": config_dict(workload.config), "fewbit": fewbit.__version__,
            "torch": torch.__version__.split("+")[0]}
     data = workload.data_key()
@@ -353,6 +355,21 @@ def baseline(workload_name: str, config: str = "quick", overrides: Sequence[str]
     if log:
         log(f"FP32 baseline: training {workload_name} ({workload.config.steps} steps), saving to {folder}")
     return train(workload, "fp32", out=folder, progress=progress, overwrite=True)
+
+
+def pretrained(workload: Workload, log=None) -> Run:
+    """The baseline of a workload that brings its own trained weights (``hf``: a model folder): loaded, nothing
+    trained. Its ``location`` is the run's path."""
+    workload.setup()
+    if log:
+        log(f"FP32 baseline: the pretrained weights in {workload.location} (nothing trained)")
+    started = time.perf_counter()
+    model = workload.build_model()
+    record = {"workload": workload.name, "config": config_dict(workload.config), "recipe": "fp32",
+              "metric": workload.metric, "train": {"steps": 0, "seconds": 0.0, "pretrained": str(workload.location),
+                                                   "load_seconds": round(time.perf_counter() - started, 2)},
+              "data": workload.info(), "versions": _versions()}
+    return Run(workload, model, record, Path(workload.location))
 
 
 def default_out(root: str, workload_name: str, config: str | None, overrides: Sequence[str]) -> Path:
