@@ -519,7 +519,7 @@ def ptq(model: nn.Module, recipe: Recipe | str = "int8", calibration: Iterable |
         raise ValueError("ptq takes a float model; this one already has quantized layers (fewbit.dequantize_ it "
                          "first, or use fewbit.calibrate on it)")
     with _restored_on_failure(model):
-        return _ptq(model, recipe, calib_batches, eval_fn, tolerance, higher_is_better, methods, max_float_layers,
+        return _ptq(model, recipe, calibration, evaluate, tolerance, higher_is_better, methods, max_float_layers,
                     forward_fn, progress, started)
 
 
@@ -538,7 +538,7 @@ def _restored_on_failure(model: nn.Module):
         raise
 
 
-def _ptq(model, recipe, calib_batches, eval_fn, tolerance, higher_is_better, methods, max_float_layers, forward_fn,
+def _ptq(model, recipe, calibration, evaluate, tolerance, higher_is_better, methods, max_float_layers, forward_fn,
          progress, started) -> tuple[nn.Module, PTQReport]:
     console = None
     if progress:
