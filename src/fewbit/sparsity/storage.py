@@ -80,7 +80,7 @@ class CompressedNM:
         dense = torch.zeros(rows, groups, p.m, dtype=self.values.dtype, device=self.values.device)
         dense.scatter_(-1, self.positions(), self.values.view(rows, groups, p.n))
         k = self.shape[1]
-        return from_matrix(dense.view(rows, groups * p.m)[:, :k].contiguous(), self.shape)
+        return from_matrix(dense.view(rows, groups * p.m)[:, :k], self.shape).contiguous()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically): ``values``, ``metadata`` and the pattern and shape as JSON."""
