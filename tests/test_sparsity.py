@@ -22,6 +22,7 @@ from fewbit.sparsity import (
     parse_pattern,
     transposable_mask,
 )
+from fewbit.sparsity.storage import pack_bits, unpack_bits
 
 PATTERNS = ["2:4", "1:2", "4:8", "1:4"]
 
@@ -142,6 +143,17 @@ def test_compressed_bytes_are_kept_values_plus_two_bit_positions(dtype, ratio):
     assert c.nbytes / c.dense_bytes == ratio
     # MXFP4 values: 4 bits each plus an 8-bit scale per block of 32 kept values, and the same metadata.
     assert compressed_bytes(w.float(), "2:4", "mxfp4_e2m1", mask) == 64 * 64 // 2 + 64 * 2 + 64 * 64 // 4
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_position_bits_pack_little_endian_and_unpack(bits):
+    for n in (0, 1, 7, 13, 100):
+        values = torch.randint(0, 1 << bits, (n,), generator=torch.Generator().manual_seed(n))
+        packed = pack_bits(values, bits)
+        assert len(packed) == -(-n * bits // 8)
+        assert torch.equal(unpack_bits(packed, bits, n), values)
+    assert pack_bits(torch.tensor([1, 2, 3, 0]), 2).tolist() == [1 | 2 << 2 | 3 << 4]
+    assert pack_bits(torch.tensor([5, 3]), 3).tolist() == [5 | 3 << 3]
 
 
 def test_compress_refuses_a_weight_that_is_not_nm():
