@@ -1,6 +1,6 @@
 """fewbit: train, quantize, sparsify and benchmark neural networks in few bits."""
 
-from fewbit import formats, recipes, scaling
+from fewbit import formats, recipes, scaling, sparsity
 from fewbit.calibrate import Calibration, PTQReport, calibrate, ptq
 from fewbit.choices import Overflow, Rounding
 from fewbit.export import export_onnx
@@ -21,6 +21,7 @@ from fewbit.nn import (
 from fewbit.qtensor import QTensor, QuantSpec, fake_quantize, get_spec, load, quantize, spec_names
 from fewbit.recipes import Recipe
 from fewbit.scaling import AmaxHistory, Block, PerAxis, PerGroup, PerTensor
+from fewbit.sparsity import sparsify_
 
 __version__ = "0.1.0"
 
@@ -80,6 +81,8 @@ __all__ = [
     "recipes",
     "replace_module",
     "scaling",
+    "sparsify_",
+    "sparsity",
     "spec_names",
     "study",
     "summary",

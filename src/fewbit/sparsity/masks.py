@@ -143,7 +143,7 @@ def nm_mask(scores: torch.Tensor, pattern: str | Pattern = "2:4") -> torch.Tenso
     order = padded.view(rows, groups, p.m).argsort(dim=-1, descending=True, stable=True)
     keep = torch.zeros(rows, groups, p.m, dtype=torch.bool, device=matrix.device)
     keep.scatter_(-1, order[..., :p.n], True)
-    return from_matrix(keep.view(rows, groups * p.m)[:, :k].contiguous(), scores.shape)
+    return from_matrix(keep.view(rows, groups * p.m)[:, :k], scores.shape).contiguous()
 
 
 @lru_cache(maxsize=8)
@@ -192,7 +192,7 @@ def transposable_mask(scores: torch.Tensor, pattern: str | Pattern = "2:4") -> t
     best = candidates.t()[totals.argmax(dim=1)].bool()  # (blocks, m*m); argmax: first of equal totals
     keep = best.view(br, bk, p.m, p.m).permute(0, 2, 1, 3).reshape(br * p.m, bk * p.m)
     keep = keep[:rows, :k]
-    return from_matrix(keep.contiguous(), scores.shape)
+    return from_matrix(keep, scores.shape).contiguous()
 
 
 def check_nm(tensor: torch.Tensor, pattern: str | Pattern = "2:4", transposable: bool = False) -> str | None:

@@ -33,6 +33,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned integers below 2^bits (any shape) as a little-endian bit stream in uint8 (value i in bits
     ``bits*i .. bits*i + bits - 1``); the last byte is zero-padded."""
     flat = values.reshape(-1).to(torch.int64)
+    if 8 % bits == 0:  # whole values per byte (2 bits: four per byte), no bit stream needed
+        per = 8 // bits
+        flat = torch.cat([flat, flat.new_zeros(-len(flat) % per)]).view(-1, per)
+        return (flat << (bits * torch.arange(per, device=flat.device))).sum(-1).to(torch.uint8)
     shifts = torch.arange(bits, device=flat.device)
     stream = ((flat[:, None] >> shifts) & 1).reshape(-1)
     stream = torch.cat([stream, stream.new_zeros(-len(stream) % 8)])
@@ -42,6 +46,10 @@ def pack_bits(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """The inverse of :func:`pack_bits`: ``count`` values (int64)."""
+    if 8 % bits == 0:
+        per = 8 // bits
+        shifts = bits * torch.arange(per, device=packed.device)
+        return ((packed.to(torch.int64)[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)[:count]
     stream = (packed.to(torch.int64)[:, None] >> torch.arange(8, device=packed.device)) & 1
     stream = stream.reshape(-1)[: count * bits].view(count, bits)
     return (stream << torch.arange(bits, device=packed.device)).sum(-1)
@@ -80,7 +88,7 @@ class CompressedNM:
         dense = torch.zeros(rows, groups, p.m, dtype=self.values.dtype, device=self.values.device)
         dense.scatter_(-1, self.positions(), self.values.view(rows, groups, p.n))
         k = self.shape[1]
-        return from_matrix(dense.view(rows, groups * p.m)[:, :k].contiguous(), self.shape)
+        return from_matrix(dense.view(rows, groups * p.m)[:, :k], self.shape).contiguous()
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file (atomically): ``values``, ``metadata`` and the pattern and shape as JSON."""
