@@ -168,8 +168,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             if args.sweep:
                 result = bench.sweep(args.workload, args.scenario, [r for r in args.recipes.split(",") if r],
                                      [b for b in args.backends.split(",") if b], out=args.out, mode=args.mode,
-                                     log=console.print, **{k: v for k, v in options.items() if k != "onnx"},
-                                     onnx=args.onnx)
+                                     checkpoint=args.checkpoint, server_qps=args.server_qps, log=console.print,
+                                     **options)
             else:
                 result = bench.run(args.workload, args.scenario, args.recipe, args.backend, args.mode, out=args.out,
                                    checkpoint=args.checkpoint, server_qps=args.server_qps, log=console.print,
