@@ -259,14 +259,14 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     options = dict(config=args.config, overrides=args.overrides, limit=args.limit, onnx=args.onnx,
                    official=args.official, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                    workers=args.workers, device=args.device, min_duration_ms=args.min_duration_ms,
-                   min_queries=args.min_queries, progress=not args.quiet)
+                   min_queries=args.min_queries, server_latency_ms=args.latency_ms, progress=not args.quiet)
     with _json_mode(args.json) as console:
         try:
             if args.sweep:
                 result = bench.sweep(args.workload, args.scenario, [r for r in args.recipes.split(",") if r],
                                      [b for b in args.backends.split(",") if b], out=args.out, mode=args.mode,
-                                     log=console.print, **{k: v for k, v in options.items() if k != "onnx"},
-                                     onnx=args.onnx)
+                                     checkpoint=args.checkpoint, server_qps=args.server_qps, log=console.print,
+                                     **options)
             else:
                 result = bench.run(args.workload, args.scenario, args.recipe, args.backend, args.mode, out=args.out,
                                    checkpoint=args.checkpoint, server_qps=args.server_qps, log=console.print,
@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default fewbit-bench/<workload>/<scenario>-<backend>-<recipe>)")
     p.add_argument("--official", action="store_true", help="mlperf.conf's durations and query counts (600 s)")
     p.add_argument("--server-qps", type=float, help="Server: run at this target QPS instead of searching")
+    p.add_argument("--latency-ms", type=float, help="Server: this p99 latency bound instead of the workload's "
+                   "(README, Benchmarking)")
     p.add_argument("--max-batch", type=int, help="largest batch the SUT forms (default by scenario)")
     p.add_argument("--max-wait-ms", type=float, help="longest a batch waits to fill (default: Server a tenth of "
                    "the latency bound, else 0)")

@@ -358,7 +358,8 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor | tuple, path: str
     ``onnx.ModelProto`` and writes it to ``path`` when given. ``example_input``: a tensor or a tuple of the
     forward's positional arguments. ``dynamic_batch`` makes dimension 0 of every input and output symbolic. See
     the module docstring for the graph, the tolerance and what is refused. The model is not changed (a copy is
-    exported)."""
+    exported). A model without quantized layers (the float model itself) exports as a plain FP32 graph: what
+    ``fewbit bench --backend ort`` runs."""
     import onnx
 
     view, layers = _export_view(model, narrow_range)

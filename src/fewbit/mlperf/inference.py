@@ -391,7 +391,8 @@ def measure_hints(workload: Workload, samples: Samples, backend: Backend, max_ba
     Then made safe: LoadGen generates queries for the expected latency, so a latency hint is half the measured one
     (a faster SUT would run out of queries and the run would be INVALID), and the Offline QPS hint 1.5 times the
     measured one (too few samples would end the run before its minimum duration). The Server search starts at
-    half the one-sample rate. The ``noop`` backend is timed building its empty responses."""
+    half the best per-sample rate measured (one sample alone, or one batch). The ``noop`` backend is timed
+    building its empty responses."""
     if backend.is_noop:
         import mlperf_loadgen as lg
 
@@ -421,8 +422,9 @@ def measure_hints(workload: Workload, samples: Samples, backend: Backend, max_ba
     multi = best(MULTISTREAM_SAMPLES)
     batch = max_batch if max_batch > 1 else MULTISTREAM_SAMPLES
     offline = batch / best(batch)
+    rate = max(1 / single, MULTISTREAM_SAMPLES / multi, offline)
     return Hints(single_latency_ns=max(1, int(single * 1e9 / 2)), multi_latency_ns=max(1, int(multi * 1e9 / 2)),
-                 offline_qps=offline * 1.5, server_qps=0.5 / single)
+                 offline_qps=offline * 1.5, server_qps=0.5 * rate)
 
 
 def corrected_hints(outcome: RunOutcome, hints: Hints) -> Hints | None:
@@ -461,6 +463,8 @@ def search_server_qps(run: Callable[[float, int], RunOutcome], start_qps: float,
         if outcome.valid:
             low = qps
             best = outcome
+        elif outcome.summary.checks.get("Performance constraints satisfied", False):
+            low = max(low, qps)  # within the bound but too short (max duration): a low target, not a high one
         else:
             high = qps
         if high is not None and low > 0 and high / low <= 1 + precision:

@@ -19,8 +19,9 @@ after loading; the detail log's ``effective_*`` lines show what a run used.
 
 **Quick and official.** ``official=False`` (the default): :data:`QUICK_MIN_DURATION_MS` and
 :data:`QUICK_MIN_QUERIES` per scenario, so a run takes seconds on a 2-core CPU (LoadGen still marks a run VALID or
-INVALID against those settings; it is not a submission). ``official=True`` writes no duration or count, so
-mlperf.conf's rules stand.
+INVALID against those settings; it is not a submission), and at most :data:`QUICK_MAX_DURATION_MS` (a run cut
+there is INVALID for too few queries). ``official=True`` writes no duration or count, so mlperf.conf's rules
+stand.
 
 **The table** (:data:`TARGETS`): per workload the Server latency bound and the accuracy target, a relative
 tolerance against the FP32 model's metric on the same samples (0.01: within 1%, the "99% of FP32" rule, in
@@ -59,6 +60,7 @@ TARGETS: dict[str, Target] = {
 DEFAULT_TARGET = Target(100.0, 0.01, "default for workloads without an entry")
 
 QUICK_MIN_DURATION_MS = 1000
+QUICK_MAX_DURATION_MS = 60_000  # a quick run stops here even if its query count is not reached (then INVALID)
 # LoadGen's early stopping needs 64 queries for a p90 estimate (SingleStream) and 662 for a p99 one (MultiStream,
 # Server) even when no query is over the bound.
 QUICK_MIN_QUERIES = {"SingleStream": 64, "MultiStream": 662, "Server": 662, "Offline": 256}
@@ -152,8 +154,9 @@ class RunSettings:
             queries = QUICK_MIN_QUERIES[s] if self.min_queries is None else self.min_queries
             lines.append(f"{m}.{s}.min_duration = {duration}")
             lines.append(f"{m}.{s}.min_query_count = {queries}")
-        if self.max_duration_ms:
-            lines.append(f"{m}.{s}.max_duration = {self.max_duration_ms}")
+        max_duration = self.max_duration_ms or (0 if self.official else QUICK_MAX_DURATION_MS)
+        if max_duration and self.mode == "performance":  # accuracy mode answers every sample, however long
+            lines.append(f"{m}.{s}.max_duration = {max_duration}")
         return "\n".join(lines) + "\n"
 
     def test_settings(self, folder: Path):

@@ -1,0 +1,116 @@
+"""fewbit's LoadGen harness against a raw LoadGen no-op SUT, in the same run: what the harness itself costs.
+
+    python -m benchmarks.bench_loadgen_overhead [--rounds 3] [--duration-ms 1000] [--server-qps 20000]
+                                                [--json out/bench_loadgen_overhead.json]
+
+- ``raw``: LoadGen's Python bindings with the smallest SUT there is: the issue callback answers every sample at
+  once with an empty ``QuerySampleResponse`` (the MLPerf reference's no-op SUT), a QSL whose callbacks do nothing;
+- ``fewbit noop``: :func:`fewbit.mlperf.inference.run_loadgen` with the ``noop`` backend on the vision workload's
+  test split (digits, so no data install is needed): fewbit's settings (mlperf.conf + a user.conf), QSL (the load
+  callback puts every sample's inputs in memory), SUT, and log parsing.
+
+Offline: samples per second (both with the same expected-QPS hint and minimum duration). Server: both at
+``--server-qps`` with a 15 ms bound: completed samples per second and whether the run is VALID. Rounds alternate
+raw and fewbit (a busy neighbour slows both alike); the table shows every round and the median ratio
+fewbit / raw. Target: at least 0.8. The numbers are reported, never raised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+from benchmarks.common import environment
+
+
+def raw_run(scenario: str, folder: Path, duration_ms: int, offline_qps: float, server_qps: float) -> dict:
+    import mlperf_loadgen as lg
+
+    from fewbit.mlperf import logs
+
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = lg.TestSettings()
+    settings.scenario = getattr(lg.TestScenario, scenario)
+    settings.mode = lg.TestMode.PerformanceOnly
+    settings.min_duration_ms = duration_ms
+    settings.min_query_count = 662 if scenario == "Server" else 256
+    settings.offline_expected_qps = offline_qps
+    settings.server_target_qps = server_qps
+    settings.server_target_latency_ns = 15_000_000
+
+    def issue(query_samples):
+        lg.QuerySamplesComplete([lg.QuerySampleResponse(q.id, 0, 0) for q in query_samples])
+
+    sut = lg.ConstructSUT(issue, lambda: None)
+    qsl = lg.ConstructQSL(1024, 1024, lambda s: None, lambda s: None)
+    output = lg.LogOutputSettings()
+    output.outdir = str(folder)
+    output.copy_summary_to_stdout = False
+    log_settings = lg.LogSettings()
+    log_settings.log_output = output
+    lg.StartTestWithLogSettings(sut, qsl, settings, log_settings, str(folder / "audit.config"))
+    lg.DestroyQSL(qsl)
+    lg.DestroySUT(sut)
+    detail, summary = logs.read_detail(folder), logs.read_summary(folder)
+    return {"result": summary.result, "metric": logs.scenario_metric(scenario, detail)[1]}
+
+
+def fewbit_run(workload, samples, scenario: str, folder: Path, duration_ms: int, offline_qps: float,
+               server_qps: float) -> dict:
+    from fewbit.mlperf import backends, inference
+    from fewbit.mlperf import settings as S
+
+    noop = backends.build("noop", workload, None)
+    hints = S.Hints(single_latency_ns=1000, multi_latency_ns=2000, offline_qps=offline_qps, server_qps=server_qps)
+    run_settings = S.RunSettings(scenario, "performance", "vision", hints, 15.0, server_target_qps=server_qps,
+                                 min_duration_ms=duration_ms, min_queries=662 if scenario == "Server" else 256)
+    record = inference.run_loadgen(workload, samples, noop, run_settings, folder).record()
+    return {"result": record["result"], "metric": record["metric"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration-ms", type=int, default=1000)
+    parser.add_argument("--offline-qps", type=float, default=1_000_000, help="Offline expected-QPS hint")
+    parser.add_argument("--server-qps", type=float, default=20_000)
+    parser.add_argument("--json", help="also write the results here")
+    args = parser.parse_args()
+
+    from fewbit.workloads import get
+
+    cls = get("vision")
+    workload = cls(cls.load_config("quick", ["source=digits"])).setup()
+    samples = workload.samples("test", 0)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scenario in ("Offline", "Server"):
+            for k in range(args.rounds):
+                common = (args.duration_ms, args.offline_qps, args.server_qps)
+                raw = raw_run(scenario, Path(tmp) / f"raw-{scenario}-{k}", *common)
+                ours = fewbit_run(workload, samples, scenario, Path(tmp) / f"fewbit-{scenario}-{k}", *common)
+                rows.append({"scenario": scenario, "round": k, "raw": raw, "fewbit": ours,
+                             "ratio": ours["metric"] / raw["metric"] if raw["metric"] else None})
+    print(json.dumps(environment()))
+    print(f"{'scenario':<9} {'round':>5} {'raw samples/s':>14} {'raw':>8} {'fewbit samples/s':>17} {'fewbit':>8} "
+          f"{'ratio':>6}")
+    for r in rows:
+        print(f"{r['scenario']:<9} {r['round']:>5} {r['raw']['metric']:>14.0f} {r['raw']['result']:>8} "
+              f"{r['fewbit']['metric']:>17.0f} {r['fewbit']['result']:>8} {r['ratio']:>6.2f}")
+    summary = {}
+    for scenario in ("Offline", "Server"):
+        ratios = [r["ratio"] for r in rows if r["scenario"] == scenario and r["ratio"]]
+        summary[scenario] = statistics.median(ratios)
+        print(f"{scenario}: median fewbit / raw = {summary[scenario]:.2f} (target >= 0.8: "
+              f"{'met' if summary[scenario] >= 0.8 else 'NOT met'})")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"environment": environment(), "rows": rows, "median_ratio": summary},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()
