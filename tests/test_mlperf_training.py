@@ -177,6 +177,9 @@ def test_compliance_checker_accepts_a_real_short_run(tmp_path):
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "success"
     accuracy = next(e for e in events if e["key"] == "eval_accuracy")
     assert accuracy["metadata"]["samples_count"] == 24 and accuracy["metadata"]["metric"] == "perplexity"
+    back = training.run_from_log(log, "lm", "fp32", 0)  # the score read back from the log alone
+    assert (back.status, back.samples_to_target, back.steps_to_target) == ("success", 24, 3)
+    assert back.seconds == pytest.approx(run.seconds, abs=0.05) and back.final_metric == pytest.approx(run.final_metric)
 
 
 def test_timing_excludes_initialization(tmp_path):
