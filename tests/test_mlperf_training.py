@@ -198,8 +198,8 @@ def test_timing_excludes_initialization(tmp_path):
     assert slow.init_seconds >= 6.0
     events = {e["key"]: e["time_ms"] for e in read_log(tmp_path / "slow.txt")}
     assert events["init_start"] <= built["ms"] - 6000 and events["run_start"] >= built["ms"]  # the build: untimed
-    assert abs((events["run_stop"] - events["run_start"]) - 1000 * slow.seconds) < 100  # the score is the log's
-    assert slow.seconds < fast.seconds + 6.0  # were the 6 s of the build on the clock, this would fail
+    assert abs((events["run_stop"] - events["run_start"]) - 1000 * slow.seconds) <= 2  # the score is the log's
+    # (Wall-clock times of two runs are not compared: on a loaded machine they differ by more than the sleep.)
 
 
 def test_a_diverging_run_ends_aborted_and_the_others_go_on(tmp_path):
