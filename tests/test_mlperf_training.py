@@ -177,6 +177,9 @@ def test_compliance_checker_accepts_a_real_short_run(tmp_path):
     assert events[-1]["key"] == "run_stop" and events[-1]["metadata"]["status"] == "success"
     accuracy = next(e for e in events if e["key"] == "eval_accuracy")
     assert accuracy["metadata"]["samples_count"] == 24 and accuracy["metadata"]["metric"] == "perplexity"
+    back = training.run_from_log(log, "lm", "fp32", 0)  # the score read back from the log alone
+    assert (back.status, back.samples_to_target, back.steps_to_target) == ("success", 24, 3)
+    assert back.seconds == pytest.approx(run.seconds, abs=0.05) and back.final_metric == pytest.approx(run.final_metric)
 
 
 def test_timing_excludes_initialization(tmp_path):
@@ -195,8 +198,8 @@ def test_timing_excludes_initialization(tmp_path):
     assert slow.init_seconds >= 6.0
     events = {e["key"]: e["time_ms"] for e in read_log(tmp_path / "slow.txt")}
     assert events["init_start"] <= built["ms"] - 6000 and events["run_start"] >= built["ms"]  # the build: untimed
-    assert abs((events["run_stop"] - events["run_start"]) - 1000 * slow.seconds) < 100  # the score is the log's
-    assert slow.seconds < fast.seconds + 6.0  # were the 6 s of the build on the clock, this would fail
+    assert abs((events["run_stop"] - events["run_start"]) - 1000 * slow.seconds) <= 2  # the score is the log's
+    # (Wall-clock times of two runs are not compared: on a loaded machine they differ by more than the sleep.)
 
 
 def test_a_diverging_run_ends_aborted_and_the_others_go_on(tmp_path):

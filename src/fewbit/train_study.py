@@ -66,10 +66,12 @@ def underflow_share(histogram: Sequence[float], zeros: int, count: int, threshol
 
 def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = (), recipes: Sequence[str] = (),
         out: str | Path | None = None, split: str = "test", eval_every: int | None = None,
-        on_recipe: Progress | None = None) -> dict:
-    """The training study (see the module docstring); returns the record ``results.json`` holds."""
+        on_recipe: Progress | None = None, with_fp32: bool = True) -> dict:
+    """The training study (see the module docstring); returns the record ``results.json`` holds. ``with_fp32``
+    False trains only ``recipes`` (parts of one study run apart; the changes against fp32 are then None unless
+    fp32 is among them)."""
     chosen = [recipe(n) for n in (recipes or DEFAULT_RECIPES)]  # unknown names fail before any training
-    if "fp32" not in [r.name for r in chosen]:
+    if with_fp32 and "fp32" not in [r.name for r in chosen]:
         chosen.insert(0, _recipes.get("fp32"))
     cls = get_workload(workload_name)
     conf = cls.load_config(config, overrides)
@@ -91,9 +93,10 @@ def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = ()
         rows.append(row)
         if on_recipe:
             on_recipe(f"{rec.name}: {cls.metric} {row['metric']:.4g} ({row['status']})", done + 1, len(chosen))
-    reference = next(r["metric"] for r in rows if r["recipe"] == "fp32")
+    reference = next((r["metric"] for r in rows if r["recipe"] == "fp32"), None)
     for row in rows:
-        row["delta"] = row["metric"] - reference if math.isfinite(row["metric"]) else math.nan
+        row["delta"] = row["metric"] - reference if reference is not None and math.isfinite(row["metric"]) \
+            else None
     scale = next((r["final_scale"] for r in rows if r["recipe"] == "fp16" and r["final_scale"]), None)
     record = {"workload": workload_name, "metric": cls.metric, "higher_is_better": cls.higher_is_better,
               "split": split, "config_name": config, "overrides": list(overrides), "config": config_dict(conf),

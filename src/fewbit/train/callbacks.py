@@ -297,9 +297,16 @@ class MLPerfLog(Callback):
             self._handler.close()
             self.logger = self._handler = None
 
-    def _event(self, kind: str, key: str, value=None, metadata: dict | None = None) -> None:
+    def _event(self, kind: str, key: str, value=None, metadata: dict | None = None,
+               time_ms: float | None = None) -> None:
         if self.logger is not None:
-            getattr(self.logger, kind)(key=key, value=value, metadata=metadata)
+            getattr(self.logger, kind)(key=key, value=value, metadata=metadata,
+                                       time_ms=int(time_ms) if time_ms is not None else None)
+
+    @staticmethod
+    def _now() -> tuple[float, float]:
+        """(perf_counter seconds, wall-clock ms) read together: the timing and the log's time stamps agree."""
+        return time.perf_counter(), time.time() * 1000
 
     def _samples(self, state: TrainState) -> int:
         return state.step * (self.global_batch_size or 0)
@@ -325,8 +332,8 @@ class MLPerfLog(Callback):
                            constants.SUBMISSION_BENCHMARK: "fewbit", **self.metadata}.items():
             if key.startswith("submission_"):
                 self._event("event", key, value)
-        self._event("start", constants.INIT_START)
-        self._init_started = time.perf_counter()
+        self._init_started, ms = self._now()
+        self._event("start", constants.INIT_START, time_ms=ms)
 
     def on_train_start(self, state: TrainState) -> None:
         from mlperf_logging.mllog import constants
@@ -346,10 +353,10 @@ class MLPerfLog(Callback):
         for key, value in {**defaults, **self.metadata}.items():
             if value is not None and not key.startswith("submission_"):
                 self._event("event", key, value)
-        self._event("end", constants.INIT_STOP)
-        self._init_stopped = time.perf_counter()
-        self._event("start", constants.RUN_START)
-        self._run_started = time.perf_counter()
+        self._init_stopped, ms = self._now()
+        self._event("end", constants.INIT_STOP, time_ms=ms)
+        self._run_started, ms = self._now()
+        self._event("start", constants.RUN_START, time_ms=ms)
         self._open_block(state)
 
     def _open_block(self, state: TrainState) -> None:
@@ -402,14 +409,14 @@ class MLPerfLog(Callback):
     def on_train_end(self, state: TrainState, error: BaseException | None) -> None:
         from mlperf_logging.mllog import constants
 
+        self._run_stopped, ms = self._now()
         self._close_block(state)
         reached = self.target is None or self.target.reached is not None
         self.status = constants.SUCCESS if error is None and reached else constants.ABORTED
-        self._run_stopped = time.perf_counter()
         if self._run_started is None:  # the loop failed before on_train_start
             self._run_started = self._run_stopped
         self._event("end", constants.RUN_STOP, metadata={"status": self.status, "step": state.result.step,
-                                                         **self._position(state)})
+                                                         **self._position(state)}, time_ms=ms)
         self._close()
 
 
