@@ -292,6 +292,8 @@ def load(path: str | Path, workload_name: str | None = None) -> Run:
     if missing or unexpected:
         raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the {cls.name} model of its config: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if (folder / sparsity.MASKS_FILE).is_file():  # a pruned model: its masks come back with it
+        sparsity.load_masks(model, folder / sparsity.MASKS_FILE)
     return Run(workload, model, record, folder)
 
 
