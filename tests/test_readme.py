@@ -18,6 +18,6 @@ def test_readme_python_blocks_run():
 
 def test_readme_opens_with_the_two_commands():
     commands = re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S)
-    assert "fewbit study lm --config main" in commands[0] and "pytest" in commands[1]
+    assert "fewbit study lm" in commands[0] and "pytest" in commands[1]
     ci = (README.parent / ".ci" / "run").read_text()
     assert commands[1].strip() in ci
