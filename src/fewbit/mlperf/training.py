@@ -209,9 +209,11 @@ class StopOnDivergence(Callback):
 
     def __init__(self) -> None:
         self.diverged: str | None = None
+        self.step = 0
 
     def on_step_end(self, state: TrainState, record: dict) -> None:
         if self.diverged is None and not math.isfinite(record["loss"]):
+            self.step = state.step
             self.diverged = f"the loss is {record['loss']} at step {state.step}: the run diverged"
             state.request_stop(self.diverged)
 
@@ -313,14 +315,16 @@ def run_to_target(workload: str, recipe: str | _recipes.Recipe = "fp32", *, seed
     except Exception as raised:  # the run is aborted; the caller's other runs go on
         error = raised
     evals = [dict(e) for e in (result.evals if result is not None else [])]
-    steps = result.step if result is not None else 0
+    # A run that diverges at its first step ends in the loop's AllStepsSkipped (no step was taken): the
+    # divergence is the reason.
+    steps = result.step if result is not None else guard.step
     if stop.reached is not None:
         reason = f"reached {goal.describe()} at step {stop.reached['step']} ({goal.metric} " \
                  f"{stop.reached['value']:.4g})"
-    elif error is not None:
-        reason = f"failed: {type(error).__name__}: {error}"
     elif guard.diverged is not None:
         reason = guard.diverged
+    elif error is not None:
+        reason = f"failed: {type(error).__name__}: {error}"
     else:
         values = [e[goal.metric] for e in evals if math.isfinite(e.get(goal.metric, math.nan))]
         best = (max(values) if goal.higher_is_better else min(values)) if values else None
