@@ -34,11 +34,10 @@ from fewbit.atomic import write_bytes, write_text
 from fewbit.mlperf.training import TARGETS, StopOnDivergence, evaluate_trained
 from fewbit.report import train_study as render
 from fewbit.train import Precision
-from fewbit.train import train as train_loop
 from fewbit.train.gradstats import BINS
 from fewbit.workloads import get as get_workload
-from fewbit.workloads.base import config_dict, resolve_device, to_device
-from fewbit.workloads.runs import default_out, optimizer_for, warmup_cosine
+from fewbit.workloads.base import config_dict, resolve_device
+from fewbit.workloads.runs import default_out, fit
 
 DEFAULT_RECIPES = ("fp32", "bf16", "fp16", "fp16_noscale", "fp8", "mxfp8", "mxfp6", "mxfp4")
 FP16_TINY = formats.get("fp16").min_subnormal  # 2^-24
@@ -122,15 +121,9 @@ def _train_one(cls, conf, rec: _recipes.Recipe, folder: Path, split: str, every:
     error = None
     result = None
     try:
-        result = train_loop(
-            model, optimizer_for(conf), lambda step, micro: to_device(task.batch(step, micro), device), task.loss,
-            steps=conf.steps, precision=precision,
-            lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(conf.warmup, conf.steps,
-                                                                                         conf.min_lr_ratio)),
-            grad_clip=conf.grad_clip or None, eval_fn=lambda m: evaluate_trained(task, m, precision, "valid"),
-            eval_every=every, log_path=folder / "metrics.jsonl", grad_stats_every=grad_every,
-            grad_stats_dir=folder / "grad_stats", callbacks=[guard], progress=False,
-            config={"workload": task.name, **config_dict(conf)})
+        result = fit(task, model, precision, device, eval_fn=lambda m: evaluate_trained(task, m, precision, "valid"),
+                     eval_every=every, log_path=folder / "metrics.jsonl", grad_stats_every=grad_every,
+                     grad_stats_dir=folder / "grad_stats", callbacks=[guard], progress=False)
     except Exception as raised:  # this recipe failed; the study goes on with the others
         error = raised
     seconds = time.perf_counter() - started

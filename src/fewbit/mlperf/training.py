@@ -55,10 +55,9 @@ from torch import nn
 
 from fewbit import recipes as _recipes
 from fewbit.train import Callback, Evaluate, MLPerfLog, Precision, StopAtTarget, TrainState
-from fewbit.train import train as train_loop
 from fewbit.workloads import get as get_workload
-from fewbit.workloads.base import Workload, config_dict, model_device, resolve_device, to_device
-from fewbit.workloads.runs import optimizer_for, warmup_cosine
+from fewbit.workloads.base import Workload, model_device, resolve_device, to_device
+from fewbit.workloads.runs import fit
 
 RULESET = "6.1.0"
 ALPHA = 0.05
@@ -305,13 +304,7 @@ def run_to_target(workload: str, recipe: str | _recipes.Recipe = "fp32", *, seed
     error: BaseException | None = None
     result = None
     try:
-        result = train_loop(
-            model, optimizer_for(conf), lambda step, micro: to_device(task.batch(step, micro), device), task.loss,
-            steps=conf.steps, precision=precision,
-            lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(conf.warmup, conf.steps,
-                                                                                         conf.min_lr_ratio)),
-            grad_clip=conf.grad_clip or None, callbacks=[evaluate, stop, guard, log], progress=progress,
-            config={"workload": workload, **config_dict(conf)})
+        result = fit(task, model, precision, device, callbacks=[evaluate, stop, guard, log], progress=progress)
     except Exception as raised:  # the run is aborted; the caller's other runs go on
         error = raised
     evals = [dict(e) for e in (result.evals if result is not None else [])]

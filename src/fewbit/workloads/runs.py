@@ -97,6 +97,24 @@ def optimizer_for(config):
     return build
 
 
+def fit(workload: Workload, model: nn.Module, precision, device: torch.device, steps: int | None = None,
+        warmup: int | None = None, **options):
+    """The training loop on ``workload``'s data, loss, optimizer, warmup-cosine schedule and gradient clipping (its
+    config's), for ``steps`` (default the config's) under ``precision`` (a recipe or a Precision); ``options`` go
+    to :func:`fewbit.train.train` (callbacks, evaluation, logs, checkpoints, progress). Returns its TrainResult.
+    Every verb that trains a workload (runs, studies, time to quality, sparsity) trains through this."""
+    from fewbit.train import train as train_loop
+
+    c = workload.config
+    steps = c.steps if steps is None else steps
+    warmup = c.warmup if warmup is None else warmup
+    return train_loop(
+        model, optimizer_for(c), lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
+        steps=steps, precision=precision,
+        lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps, c.min_lr_ratio)),
+        grad_clip=c.grad_clip, config={"workload": workload.name, **config_dict(c)}, **options)
+
+
 def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | None = None,
           progress: bool = True, checkpoint_every: int = 0, overwrite: bool = False, resume: bool = False,
           model: nn.Module | None = None, steps: int | None = None, callbacks: Sequence = ()) -> Run:
@@ -109,7 +127,6 @@ def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | N
     instead of a fresh model (e.g. a pruned baseline). ``steps``: fewer (or more) steps than the config's, the
     warmup scaled to match. ``callbacks``: more training-loop callbacks."""
     from fewbit.nn import dequantize_
-    from fewbit.train import train as train_loop
     from fewbit.train.loop import check_grad_clip
 
     recipe = _recipes.get(recipe)
@@ -133,15 +150,12 @@ def train(workload: Workload, recipe: str | Recipe = "fp32", out: str | Path | N
     warmup = c.warmup if steps == c.steps else max(1, round(c.warmup * steps / c.steps))
     out = Path(out) if out is not None else None
     started = time.perf_counter()
-    result = train_loop(
-        model, optimizer_for(c), lambda step, micro: to_device(workload.batch(step, micro), device), workload.loss,
-        steps=steps, precision=recipe, callbacks=callbacks,
-        lr_schedule=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(warmup, steps,
-                                                                                     c.min_lr_ratio)),
-        grad_clip=c.grad_clip, eval_fn=lambda m: workload.evaluate(m, "valid"), eval_every=c.eval_every,
+    result = fit(
+        workload, model, recipe, device, steps=steps, warmup=warmup, callbacks=callbacks,
+        eval_fn=lambda m: workload.evaluate(m, "valid"), eval_every=c.eval_every,
         checkpoint_dir=out / CHECKPOINTS if out is not None and checkpoint_every else None,
         checkpoint_every=checkpoint_every, log_path=out / METRICS_FILE if out is not None else None,
-        progress=progress, config={"workload": workload.name, **config_dict(c)},
+        progress=progress,
     )
     train_seconds = time.perf_counter() - started
     dequantize_(model)  # the float layers with the trained parameters; evaluation applies the recipe again
