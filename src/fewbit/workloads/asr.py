@@ -71,7 +71,7 @@ class ASRConfig(TrainSettings):
     def corpus(self) -> speech.SpeechCorpus:
         return speech.SpeechCorpus(train_utterances=self.train_utterances, valid_utterances=self.valid_utterances,
                                    test_utterances=self.test_utterances, phrase_share=self.phrase_share,
-                                   max_digits=self.max_digits, engine=self.engine, seed=self.seed)
+                                   max_digits=self.max_digits, engine=self.engine, seed=self.data_seed)
 
 
 class SpeechRecognition(Workload):

@@ -63,9 +63,12 @@ class TrainSettings:
     Nesterov momentum 0.9), its schedule (linear warmup, cosine decay to
     ``min_lr_ratio * lr``) and evaluation. ``eval_limit`` caps the examples an evaluation reads (0: all).
     ``device``: where training runs, "cpu", "cuda", "cuda:N" or "auto" (cuda when there is one, else cpu);
-    evaluation runs wherever the model is."""
+    evaluation runs wherever the model is. ``seed`` seeds the model's initialization and the order of the training
+    batches; ``data_seed`` the data set itself (its generation and its train/valid/test split), so runs with
+    different seeds are scored on the same test examples."""
 
     seed: int = 0
+    data_seed: int = 0
     optimizer: str = "adamw"
     beta2: float = 0.98
     steps: int = 1000

@@ -69,7 +69,7 @@ class LanguageModel(Workload):
     def _setup(self) -> None:
         c = self.config
         self.require_source(c.source)
-        self.splits = text.load(text.TextCorpus(source=c.source, max_bytes=c.max_bytes, seed=c.seed))
+        self.splits = text.load(text.TextCorpus(source=c.source, max_bytes=c.max_bytes, seed=c.data_seed))
         for split, tokens in self.splits.items():
             if tokens.numel() < c.block_size + 1:
                 raise ValueError(f"the {split} split holds {tokens.numel()} bytes, fewer than one window of "

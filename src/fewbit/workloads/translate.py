@@ -97,7 +97,7 @@ class Translate(Workload):
         c = self.config
         self.require_source(c.source)
         if c.source == "numbers":
-            corpus = numbers.load(numbers.NumberCorpus(target=c.target, pairs=c.pairs, seed=c.seed,
+            corpus = numbers.load(numbers.NumberCorpus(target=c.target, pairs=c.pairs, seed=c.data_seed,
                                                          max_cardinal=c.max_number))
         else:
             corpus = _bible().load()

@@ -91,7 +91,7 @@ class Vision(Workload):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.data = images.load(images.ImageSpec(source=c.source, valid_size=c.valid_size or None,
-                                                     train_limit=c.train_limit or None, seed=c.seed))
+                                                     train_limit=c.train_limit or None, seed=c.data_seed))
         for warning in caught:  # the digits fallback: say it where people look, every time
             _loud(str(warning.message))
 
