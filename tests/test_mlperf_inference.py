@@ -102,6 +102,9 @@ def test_response_encoding_round_trips():
     assert inference.decode_output(inference.encode_output(text)) == text
     with pytest.raises(ValueError, match="starts with"):
         inference.decode_output(b"Xabc")
+    mixed = (torch.arange(6, dtype=torch.float32).reshape(2, 3), 1.25, 4)  # an encoder's (embedding, nll, tokens)
+    back = inference.decode_output(inference.encode_output(mixed))
+    assert torch.equal(back[0], mixed[0]) and back[1:] == (1.25, 4)
 
 
 def test_collate_matches_the_workloads_own_batches():
@@ -112,6 +115,20 @@ def test_collate_matches_the_workloads_own_batches():
     assert batch[0].tolist() == [[5, 6, 7], [8, 0, 0]]  # padded with token 0
     assert batch[1].shape == (2, 2, 3) and batch[1][1, :, 1:].abs().sum() == 0
     assert batch[2].tolist() == [3, 1]
+    encoded = [{"input_ids": torch.tensor([[2, 9, 3]]), "mlm_labels": torch.tensor([[-100, 9, -100]])},
+               {"input_ids": torch.tensor([[2, 3]]), "mlm_labels": torch.tensor([[-100, -100]])}]
+    batch = inference.collate(encoded, {"input_ids": 7, "mlm_labels": -100})
+    assert batch["input_ids"].tolist() == [[2, 9, 3], [2, 3, 7]]
+    assert batch["mlm_labels"].tolist() == [[-100, 9, -100], [-100, -100, -100]]
+
+
+def test_a_short_last_window_is_never_batched_with_full_ones():
+    from fewbit.workloads.data.text import TokenWindows
+
+    windows = TokenWindows("test", torch.arange(10), 4)  # windows [0..4], [4..8], tail [8, 9]
+    assert len(windows) == 3
+    assert windows.groups([2, 0, 2, 1]) == [[1, 3], [0, 2]]
+    assert TokenWindows("test", torch.arange(9), 4).groups([0, 1]) == [[0, 1]]  # no tail: one group
 
 
 class Failing(torch.nn.Module):

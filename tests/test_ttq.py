@@ -69,3 +69,26 @@ def test_rendering():
     assert render.notes(_record(True)) == []
     assert render.notes(_record(False))[0] == "fp32: score invalid: bad"
     assert "| fp32 | 3/3 | 2.2 | 320 | pass |" in render.markdown(_record(True))
+
+
+def test_ttq_under_torchrun_two_ranks_one_report(tmp_path):
+    """``torchrun --nproc_per_node 2 -m fewbit.cli ttq``: both ranks train (DDP), rank 0 alone writes the logs and
+    prints the one JSON record; every log passes the compliance checker."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FEWBIT_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fewbit.cli",
+           "ttq", "lm", "--recipes", "fp32", "--runs", "3", "--target", "1e6", "--out", str(tmp_path / "out"),
+           "--json", *TINY_LM, "steps=10", "threads=1"]  # evaluated at step 5
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads(done.stdout)  # one record: the other rank printed nothing
+    runs_ = record["results"][0]["runs"]
+    assert [r["status"] for r in runs_] == ["success"] * 3
+    assert all(r["compliance"]["passed"] for r in runs_)
+    logs = sorted(p.name for p in (tmp_path / "out" / "fp32").glob("result_*.txt"))
+    assert logs == ["result_0.txt", "result_1.txt", "result_2.txt"]
+    text = (tmp_path / "out" / "fp32" / "result_0.txt").read_text()
+    assert text.count('"key": "run_start"') == 1  # one rank's events, not two

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -196,16 +197,20 @@ def _cmd_ttq(args: argparse.Namespace) -> int:
     from fewbit.report import ttq as render
 
     recipes_ = [r.strip() for r in args.recipes.split(",") if r.strip()]
-    with _json_mode(args.json) as console, _progress_bar(console, "ttq", not args.quiet) as bar:
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun every rank trains; rank 0 alone reports
+    quiet = args.quiet or not rank0
+    with _json_mode(args.json) as console, _progress_bar(console, "ttq", not quiet) as bar:
         task = bar.add_task("ttq", total=None, info="")
 
         def on_run(info: str, done: int, total: int) -> None:
             bar.update(task, info=info, completed=done, total=total)
-            if not args.quiet:
+            if not quiet:
                 console.print(info)
 
         record = ttq.run(args.workload, recipes_, args.runs, args.config, args.overrides, out=args.out,
                          seed=args.seed, target=args.target, check=not args.no_check, on_run=on_run)
+    if not rank0:
+        return 0
     console.print(render.table(record))
     for line in render.notes(record):
         console.print(line)

@@ -57,7 +57,9 @@ def _bytes(model, recipe) -> dict:
         out[f"compressed_{recipe.name}"] = 0
     patterns = sparsity.patterns(model)
     for name, mask in sparsity.masks(model).items():
-        w = model.get_submodule(name).weight.detach().cpu()
+        module = model.get_submodule(name)
+        w = sparsity.matrix_of(module).detach().cpu()  # (out, in, ...): grouped along the reduction dimension
+        mask = mask.t() if sparsity.is_transposed(module) else mask
         pattern = patterns[name]
         out["dense_fp32"] += w.numel() * 4
         out["dense_fp16"] += w.numel() * 2

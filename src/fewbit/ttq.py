@@ -8,6 +8,10 @@ score per recipe is the olympic mean of the time and of the samples to target, w
 FP32 reference (:func:`fewbit.mlperf.training.olympic`). Writes ``ttq.json`` (the record) and ``report.md`` into
 ``out``; under torchrun every rank trains and rank 0 writes.
 
+A workload without an entry in the table takes its target from ``--target`` (``hf``: a value of the model
+folder's own metric, e.g. perplexity, on the valid split; evaluated ten times over the step budget); its runs
+fine-tune the pretrained weights on the folder's text, each seed changing the order of the batches.
+
 The record is rendered by :mod:`fewbit.report.ttq`; this module only runs the runs.
 """
 
@@ -37,9 +41,16 @@ def run(workload: str, recipes: Sequence[str] = DEFAULT_RECIPES, runs: int | Non
     (default: MLPerf's count, or the quick default on the quick config; at least 3). ``target`` replaces the
     table's quality target (a value of the workload's metric). ``check`` runs the compliance checker on every
     log. ``on_run(info, done, total)`` hears progress."""
-    goal = training.target_for(workload)
-    if target is not None:
-        goal = goal.with_target(target)
+    if workload in training.TARGETS:
+        goal = training.target_for(workload)
+        if target is not None:
+            goal = goal.with_target(target)
+    elif target is None:
+        raise ValueError(f"no quality target for workload {workload!r} in fewbit's table (it has one for "
+                         f"{', '.join(training.TARGETS)}); give one with --target VALUE, a value of its metric on "
+                         "the valid split")
+    else:  # hf: the folder's own metric, fine-tuned on its text
+        goal = training.own_target(workload, target, config, overrides)
     count = training.default_runs(goal, config) if runs is None else runs
     if count < 3:
         raise ValueError(f"--runs {count}: the olympic score drops the fastest and the slowest run, so it needs at "

@@ -18,11 +18,13 @@ inside the issue callback, empty, to measure the harness.
 In Offline accuracy mode every sample comes in one query, and with ``max_batch`` equal to the workload's
 evaluation batch size the batches are exactly those ``fewbit eval`` reads: the scores agree bit for bit.
 
-**Responses** (:func:`encode_output`, :func:`decode_output`): a tensor (vision's logits, float32) is one byte
-``N`` and a ``.npy`` image of the array (dtype and shape included); anything else (translate's ``(translation,
-nll, tokens)``, asr's ``(transcript, loss)``) is one byte ``J`` and its JSON in UTF-8 (floats written exactly, as
-Python's repr). The same sample gives the same bytes in performance and accuracy mode whenever the batch it
-runs in does not change the model's arithmetic (batch 1, or batches of the same composition).
+**Responses** (:func:`encode_output`, :func:`decode_output`): a tensor (vision's logits, float32) is one byte ``N``
+and a ``.npy`` image of the array (dtype and shape included); anything else (translate's ``(translation, nll,
+tokens)``, asr's ``(transcript, loss)``) is one byte ``J`` and its JSON in UTF-8 (floats written exactly, as
+Python's repr); a tuple that holds a tensor (an hf encoder's ``(embedding, mlm nll, tokens)``) is ``T``, the count
+of its parts and each part encoded so, after its length (little-endian). The same sample gives the same bytes in
+performance and accuracy mode whenever the batch it runs in does not change the model's arithmetic (batch 1, or
+batches of the same composition).
 
 **Faults.** A backend that raises stops being called: the worker answers the failed batch and every later query
 empty, so LoadGen finishes and writes its logs, and :func:`run_loadgen` then raises :class:`BackendError` naming
@@ -44,6 +46,7 @@ import contextlib
 import io
 import json
 import os
+import struct
 import sys
 import threading
 import time
@@ -54,12 +57,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fewbit.mlperf import logs
 from fewbit.mlperf.backends import Backend
 from fewbit.mlperf.settings import MULTISTREAM_SAMPLES, Hints, RunSettings
-from fewbit.workloads.base import Samples, Workload
+from fewbit.workloads.base import Samples, Workload, collate
 
 AUDIT_FILE = "audit.config"
 
@@ -89,6 +91,9 @@ def encode_output(output: Any) -> bytes:
         buffer = io.BytesIO()
         np.save(buffer, np.ascontiguousarray(array_), allow_pickle=False)
         return b"N" + buffer.getvalue()
+    if isinstance(output, tuple | list) and any(isinstance(o, torch.Tensor | np.ndarray) for o in output):
+        parts = [encode_output(o) for o in output]  # a tuple holding a tensor: each part with its length
+        return b"T" + struct.pack("<I", len(parts)) + b"".join(struct.pack("<Q", len(b)) + b for b in parts)
     return b"J" + json.dumps(output, separators=(",", ":")).encode()
 
 
@@ -101,30 +106,18 @@ def decode_output(data: bytes) -> Any:
     if kind == b"J":
         value = json.loads(body.decode())
         return tuple(value) if isinstance(value, list) else value
-    raise ValueError(f"response of {len(data)} bytes starts with {kind!r}; fewbit responses start with b'N' or b'J'")
+    if kind == b"T":
+        (count,), offset, parts = struct.unpack_from("<I", body), 4, []
+        for _ in range(count):
+            (size,) = struct.unpack_from("<Q", body, offset)
+            parts.append(decode_output(body[offset + 8:offset + 8 + size]))
+            offset += 8 + size
+        return tuple(parts)
+    raise ValueError(f"response of {len(data)} bytes starts with {kind!r}; fewbit responses start with b'N', b'J' "
+                     "or b'T'")
 
 
 # -- the query sample library -------------------------------------------------------------------------------------
-def collate(items: Sequence[Any]) -> Any:
-    """One batch from per-sample inputs (each ``samples.inputs([i])``): tensors concatenated along dimension 0,
-    those of two or more dimensions first zero-padded at the end of every other dimension to the largest (token
-    ids, whose padding id is 0; log-mel features, zero past an utterance's end); tuples and lists position by
-    position. It is what ``samples.inputs(indices)`` gives for fewbit's workloads."""
-    first = items[0]
-    if isinstance(first, torch.Tensor):
-        if first.dim() <= 1:
-            return torch.cat(list(items))
-        shape = [max(t.shape[d] for t in items) for d in range(1, first.dim())]
-        padded = []
-        for t in items:
-            pad = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
-            padded.append(F.pad(t, pad) if any(pad) else t)
-        return torch.cat(padded)
-    if isinstance(first, tuple | list):
-        return type(first)(collate([item[k] for item in items]) for k in range(len(first)))
-    raise TypeError(f"cannot collate inputs of type {type(first).__name__}; expected tensors or tuples of them")
-
-
 class SampleLibrary:
     """LoadGen's QSL over ``samples``: the load callback keeps each chosen sample's inputs in memory."""
 
@@ -145,7 +138,7 @@ class SampleLibrary:
             self.loaded.pop(i, None)
 
     def batch(self, indices: Sequence[int]) -> Any:
-        return collate([self.loaded[i] for i in indices])
+        return self.samples.collate([self.loaded[i] for i in indices])
 
 
 # -- the system under test ----------------------------------------------------------------------------------------
@@ -208,9 +201,13 @@ class SystemUnderTest:
     def run_batch(self, indices: Sequence[int]) -> list[array.array]:
         """The encoded responses to the loaded samples at ``indices``, one buffer each (run under
         ``backend.running()``)."""
-        outputs = self.workload.predict(self.backend.model, self.library.batch(indices))
-        if len(outputs) != len(indices):
-            raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(indices)} samples")
+        outputs: list[Any] = [None] * len(indices)
+        for group in self.library.samples.groups(indices):  # samples that may share a batch (not a short tail)
+            answers = self.workload.predict(self.backend.model, self.library.batch([indices[p] for p in group]))
+            if len(answers) != len(group):
+                raise RuntimeError(f"predict returned {len(answers)} outputs for {len(group)} samples")
+            for p, answer in zip(group, answers, strict=True):
+                outputs[p] = answer
         return [array.array("B", encode_output(o)) for o in outputs]
 
     def _take(self) -> list[tuple[int, int]] | None:

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from fewbit import recipes as _recipes
+from fewbit.atomic import write_text
 from fewbit.train import Callback, Evaluate, MLPerfLog, Precision, StopAtTarget, TrainState
 from fewbit.workloads import get as get_workload
 from fewbit.workloads.base import Workload, model_device, resolve_device, to_device
@@ -122,8 +123,21 @@ TARGETS: dict[str, QualityTarget] = {t.workload: t for t in [
 def target_for(workload: str) -> QualityTarget:
     if workload not in TARGETS:
         raise ValueError(f"no quality target for workload {workload!r}; time-to-quality runs exist for "
-                         f"{', '.join(TARGETS)}")
+                         f"{', '.join(TARGETS)}, and for any workload given a target (--target VALUE)")
     return TARGETS[workload]
+
+
+def own_target(workload: str, target: float, config: str | None = None, overrides: Sequence[str] = (),
+               eval_every: int | None = None) -> QualityTarget:
+    """A quality target for a workload without an entry in :data:`TARGETS` (``hf``: a model folder, scored by its
+    kind's metric): ``target`` on that metric of the valid split, evaluated every ``eval_every`` steps (default: 10
+    evaluations over the config's step budget). Reading the metric's name builds the workload (the folder's
+    ``config.json``), not its data."""
+    cls = get_workload(workload)
+    task = cls(cls.load_config(config or "quick", overrides))
+    every = eval_every or max(task.config.steps // 10, 1)
+    return QualityTarget(workload, task.metric, float(target), task.higher_is_better, eval_every=every,
+                         attention=getattr(task, "pretrained", False))
 
 
 def default_runs(target: QualityTarget, config: str | None) -> int:
@@ -144,6 +158,8 @@ def synthetic_batch(workload: Workload) -> object:
         shape = tuple(workload.data.image_shape)
         return (torch.randn((c.batch_size, *shape), generator=g),
                 torch.randint(0, len(workload.data.classes), (c.batch_size,), generator=g))
+    if hasattr(workload, "synthetic_batch"):  # a workload that knows its own batch's shape (hf)
+        return workload.synthetic_batch(g)
     if workload.name == "translate":
         vocab = workload.tokenizer.vocab_size
         src = torch.randint(4, vocab, (c.batch_size, 16), generator=g)
@@ -234,6 +250,10 @@ def train_samples(workload: Workload) -> int:
             return int(info[key])
     if "train_bytes" in info:
         return int(info["train_bytes"]) // workload.config.block_size
+    if "train_tokens" in info:  # hf causal LM: windows of its block size
+        return int(info["train_tokens"]) // workload.block_size
+    if "train_sentences" in info:
+        return int(info["train_sentences"])
     raise ValueError(f"cannot tell the training set size of {workload.name!r} from {sorted(info)}")
 
 
@@ -335,7 +355,11 @@ def run_to_target(workload: str, recipe: str | _recipes.Recipe = "fp32", *, seed
         final_scale=result.final_scale if result is not None else None,
         log_path=str(log_path) if log_path is not None and log.rank == 0 else None)
     if check and run.log_path is not None:
-        run.compliance = check_compliance(run.log_path, workload)
+        checker = None
+        if TARGETS.get(workload) != goal:  # another target than the shipped config's: its own config, beside the log
+            checker = Path(run.log_path).with_suffix(".checker.yaml")
+            write_text(checker, checker_config_text(workload, goal))
+        run.compliance = check_compliance(run.log_path, workload, checker)
     return run
 
 

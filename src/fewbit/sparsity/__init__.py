@@ -24,9 +24,12 @@ from fewbit.sparsity.model import (
     SparsitySummary,
     apply_masks_,
     densify_,
+    is_transposed,
     load_masks,
     masks,
+    matrix_of,
     patterns,
+    prunable,
     read_masks,
     save_masks,
     sparsify_,
@@ -37,7 +40,7 @@ from fewbit.sparsity.storage import CompressedNM, compress, compressed_bytes, lo
 from fewbit.sparsity.training import MASKS_FILE, KeepMasks
 
 __all__ = ["CRITERIA", "MASKS_FILE", "CompressedNM", "KeepMasks", "LayerSparsity", "Pattern", "SparsitySummary",
-           "apply_masks_", "as_matrix", "check_nm", "compress", "compressed_bytes", "densify_", "from_matrix",
-           "is_nm", "kept_score", "load_compressed", "load_masks", "magnitude_scores", "masks", "nm_mask",
-           "parse_pattern", "patterns", "read_masks", "save_masks", "search_permutation", "sparsify_", "summary",
-           "transposable_mask", "wanda_scores"]
+           "apply_masks_", "as_matrix", "check_nm", "compress", "compressed_bytes", "densify_", "from_matrix", "is_nm",
+           "is_transposed", "kept_score", "load_compressed", "load_masks", "magnitude_scores", "masks", "matrix_of",
+           "nm_mask", "parse_pattern", "patterns", "prunable", "read_masks", "save_masks", "search_permutation",
+           "sparsify_", "summary", "transposable_mask", "wanda_scores"]

@@ -1,13 +1,16 @@
 """``sparsify_(model, pattern)``: prune a model's layers to N:M in place; ``summary``; masks saved and loaded.
 
 **Which layers.** Linear, Conv1d and Conv2d layers (their quantized versions too) are pruned along their reduction
-dimension (:mod:`fewbit.sparsity.masks`). Every other layer with parameters stays dense with the reason recorded:
-an embedding, a layer that is not a GEMM (norms), a layer whose weight is shared with another module (a tied
-embedding), a depthwise or grouped convolution with N or fewer input channels per group (nothing to prune), a layer
-below ``min_weights``, the first prunable layer with ``skip_first=True``, or one excluded by ``filter_fn(module,
-name)`` or by ``layer_patterns`` (``{name pattern: "N:M" or None}``, fnmatch, first match wins, as
-``quantize_``'s ``layer_recipes``). :func:`summary` lists every layer: pruned with its measured sparsity, or dense
-and why. Nothing is skipped silently, and a model with nothing to prune is an error that lists why.
+dimension (:mod:`fewbit.sparsity.masks`), and so is any layer type with a ``quantize_`` conversion whose weight is
+stored transposed, ``(in, out)`` (transformers' GPT-2 ``Conv1D``): its mask is computed on the ``(out, in)`` matrix
+the GEMM multiplies (:meth:`~fewbit.nn.QuantizedModule.weight_matrix`) and stored in the weight's own shape. Every
+other layer with parameters stays dense with the reason recorded: an embedding, a layer that is not a GEMM (norms),
+a layer whose weight is shared with another module (a tied embedding), a depthwise or grouped convolution with N or
+fewer input channels per group (nothing to prune), a layer below ``min_weights``, the first prunable layer with
+``skip_first=True``, or one excluded by ``filter_fn(module, name)`` or by ``layer_patterns`` (``{name pattern: "N:M"
+or None}``, fnmatch, first match wins, as ``quantize_``'s ``layer_recipes``). :func:`summary` lists every layer:
+pruned with its measured sparsity, or dense and why. Nothing is skipped silently, and a model with nothing to prune
+is an error that lists why.
 
 **Where the masks live.** On the model object (in its ``__dict__``, keyed by layer name, as ``quantize_`` keeps its
 skipped layers), so ``deepcopy``, pickling and ``quantize_`` (which replaces layers under the same names and keeps
@@ -32,6 +35,7 @@ import torch
 from torch import nn
 
 from fewbit.atomic import write_bytes
+from fewbit.nn import QuantizedModule, conversion_for
 from fewbit.sparsity import graph
 from fewbit.sparsity.masks import (
     CRITERIA,
@@ -45,12 +49,40 @@ from fewbit.sparsity.masks import (
 )
 from fewbit.sparsity.permute import kept_score, search_permutation
 
-__all__ = ["LayerSparsity", "SparsitySummary", "apply_masks_", "densify_", "load_masks", "masks", "patterns",
-           "read_masks", "save_masks", "sparsify_", "summary"]
+__all__ = ["LayerSparsity", "SparsitySummary", "apply_masks_", "densify_", "is_transposed", "load_masks", "masks",
+           "matrix_of", "patterns", "prunable", "read_masks", "save_masks", "sparsify_", "summary"]
 
 _STATE = "_fewbit_sparsity"
 MASKS_FORMAT = "fewbit.masks.v1"
 PRUNABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for a layer whose 2-D weight is stored ``(in, out)``: its GEMM matrix (``weight_matrix``, of the module
+    or of its ``quantize_`` conversion) is the weight's transpose, a view of the same storage."""
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or (isinstance(module, PRUNABLE)
+                                                           and not isinstance(module, QuantizedModule)):
+        return False
+    if isinstance(module, QuantizedModule):
+        matrix = module.weight_matrix()
+    else:
+        convert = conversion_for(type(module))
+        if convert is None:
+            return False
+        matrix = convert(module, "fp32").weight_matrix()
+    return (isinstance(matrix, torch.Tensor) and matrix.data_ptr() == w.data_ptr()
+            and tuple(matrix.shape) == tuple(w.shape)[::-1] and tuple(matrix.stride()) == tuple(w.stride())[::-1])
+
+
+def prunable(module: nn.Module) -> bool:
+    """A Linear, Conv1d or Conv2d layer (quantized or not), or a 2-D layer stored transposed (:func:`is_transposed`)."""
+    return isinstance(module, PRUNABLE) or is_transposed(module)
+
+
+def matrix_of(module: nn.Module) -> torch.Tensor:
+    """The layer's weight in the ``(out, in, *kernel)`` layout masks are computed in (a view)."""
+    return module.weight.t() if is_transposed(module) else module.weight
 
 
 def _state(model: nn.Module) -> dict | None:
@@ -73,10 +105,11 @@ def _dense_reason(name: str, module: nn.Module, owners: dict[int, list[str]]) ->
     """Why ``module`` cannot be pruned, or None when it can (before the user's choices)."""
     if isinstance(module, nn.Embedding | nn.EmbeddingBag):
         return "embedding (a lookup table, not a GEMM)"
-    if not isinstance(module, PRUNABLE):
+    if not prunable(module):
         if isinstance(module, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm):
             return f"{type(module).__name__}: a normalization, not a GEMM"
-        return f"{type(module).__name__}: only Linear, Conv1d and Conv2d layers are pruned"
+        return (f"{type(module).__name__}: only Linear, Conv1d and Conv2d layers (and layers stored transposed, "
+                "such as GPT-2's Conv1D) are pruned")
     others = [o for o in owners.get(id(module.weight), []) if o != name]
     if others:
         return f"weight shared with {', '.join(others)} (tied); pruning it would prune them too"
@@ -99,7 +132,8 @@ def _calibrate(model: nn.Module, names: list[str], batches: Iterable, forward_fn
     def hook(name):
         def record(module, inputs):
             x = inputs[0].detach().float()
-            dims = [d for d in range(x.dim()) if d != (x.dim() - 1 if isinstance(module, nn.Linear) else 1)]
+            channels = x.dim() - 1 if isinstance(module, nn.Linear) or is_transposed(module) else 1
+            dims = [d for d in range(x.dim()) if d != channels]
             s = x.square().sum(dims)
             sums[name] = sums[name] + s if name in sums else s
         return record
@@ -178,9 +212,9 @@ def sparsify_(model: nn.Module, pattern: str | Pattern = "2:4", criterion: str =
                     break
         if reason is None and filter_fn is not None and not filter_fn(module, name):
             reason = "excluded by filter_fn"
-        if reason is None and module.weight.shape[1] <= layer_pattern.n:
+        if reason is None and matrix_of(module).shape[1] <= layer_pattern.n:
             groups = getattr(module, "groups", 1)
-            reason = (f"{'depthwise/grouped convolution: ' if groups > 1 else ''}{module.weight.shape[1]} input "
+            reason = (f"{'depthwise/grouped convolution: ' if groups > 1 else ''}{matrix_of(module).shape[1]} input "
                       f"channel(s) per group, at most N={layer_pattern.n} of a group of {layer_pattern.m}: "
                       "nothing to prune")
         if reason is None and module.weight.numel() < min_weights:
@@ -200,8 +234,8 @@ def sparsify_(model: nn.Module, pattern: str | Pattern = "2:4", criterion: str =
     def scores_of(name: str) -> torch.Tensor:
         module = model.get_submodule(name)
         if criterion == "wanda":
-            return wanda_scores(module.weight, norms[name], getattr(module, "groups", 1))
-        return magnitude_scores(module.weight)
+            return wanda_scores(matrix_of(module), norms[name], getattr(module, "groups", 1))
+        return magnitude_scores(matrix_of(module))
 
     permuted: dict[str, dict] = {}
     if permute:
@@ -221,7 +255,8 @@ def sparsify_(model: nn.Module, pattern: str | Pattern = "2:4", criterion: str =
     result: dict[str, torch.Tensor] = {}
     for name, p in chosen.items():
         scores = scores_of(name)
-        result[name] = transposable_mask(scores, p) if transposable else nm_mask(scores, p)
+        mask = transposable_mask(scores, p) if transposable else nm_mask(scores, p)
+        result[name] = mask.t().contiguous() if is_transposed(model.get_submodule(name)) else mask  # weight's shape
     model.__dict__[_STATE] = {"masks": result, "patterns": {n: str(p) for n, p in chosen.items()}, "dense": dense,
                               "criterion": criterion, "transposable": transposable, "permuted": permuted}
     apply_masks_(model)
@@ -309,7 +344,8 @@ def summary(model: nn.Module) -> SparsitySummary:
         zeros = float((w == 0).sum()) / count if count else 0.0
         pruned = name in state["masks"]
         pattern = state["patterns"].get(name)
-        nm = (check_nm(w.detach(), pattern, state.get("transposable", False)) is None) if pruned else None
+        nm = (check_nm(matrix_of(module).detach(), pattern, state.get("transposable", False)) is None) if pruned \
+            else None
         reason = None if pruned else state["dense"].get(name, "not sparsified (sparsify_ was not called)"
                                                         if not state["masks"] else "added after sparsify_")
         rows.append(LayerSparsity(name=name, type=type(module).__name__, shape=shape, weights=count, pruned=pruned,
@@ -362,13 +398,14 @@ def load_masks(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"{path}: a mask for layer {name!r}, which {type(model).__name__} does not have; these "
                              "masks belong to another model")
         w = getattr(module, "weight", None)
-        if not isinstance(module, PRUNABLE) or not isinstance(w, torch.Tensor):
+        if not prunable(module) or not isinstance(w, torch.Tensor):
             raise ValueError(f"{path}: a mask for {name!r}, a {type(module).__name__} here (not a Linear or "
                              "convolution); these masks belong to another model")
         if tuple(w.shape) != tuple(mask.shape):
             raise ValueError(f"{path}: the mask for {name!r} has shape {tuple(mask.shape)}, its weight here "
                              f"{tuple(w.shape)}; these masks belong to another model")
-        problem = check_nm(mask, record["patterns"][name], record.get("transposable", False))
+        problem = check_nm(mask.t() if is_transposed(module) else mask, record["patterns"][name],
+                           record.get("transposable", False))
         if problem is not None:
             raise ValueError(f"{path}: the mask for {name!r} is not {record['patterns'][name]}: {problem}")
     model.__dict__[_STATE] = {"masks": {n: loaded[n].to(modules[n].weight.device) for n in loaded}, **record}

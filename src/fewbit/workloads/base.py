@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -125,6 +126,43 @@ class Samples(abc.ABC):
     def batches(self, batch_size: int) -> list[list[int]]:
         """Every index once, in batches of at most ``batch_size``; consecutive unless a workload says otherwise."""
         return [list(range(i, min(i + batch_size, len(self)))) for i in range(0, len(self), batch_size)]
+
+    def collate(self, items: Sequence[Any]) -> Any:
+        """One batch from the inputs of single examples (each ``inputs([i])``), as ``inputs`` of their indices
+        would give it (:func:`collate`); an inference harness keeps examples loaded one by one and batches them
+        as queries arrive."""
+        return collate(items)
+
+    def groups(self, indices: Sequence[int]) -> list[list[int]]:
+        """The positions in ``indices`` split into groups whose examples may share one batch (default: all in one);
+        e.g. a short last window of a token stream is never padded into a batch of full ones."""
+        return [list(range(len(indices)))]
+
+
+def collate(items: Sequence[Any], pad: float | dict[str, float] = 0.0) -> Any:
+    """One batch from per-sample inputs (each ``samples.inputs([i])``): tensors concatenated along dimension 0,
+    those of two or more dimensions first padded at the end of every other dimension to the largest with ``pad``
+    (0: token ids whose padding id is 0, log-mel features past an utterance's end); tuples and lists position by
+    position; dicts key by key, each key's tensors padded with ``pad[key]`` (0 for a key it does not name). It is
+    what ``samples.inputs(indices)`` gives for fewbit's workloads (:meth:`Samples.collate`)."""
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() <= 1:
+            return torch.cat(list(items))
+        value = float(pad) if not isinstance(pad, dict) else 0.0
+        shape = [max(t.shape[d] for t in items) for d in range(1, first.dim())]
+        padded = []
+        for t in items:
+            widths = [p for d in reversed(range(1, t.dim())) for p in (0, shape[d - 1] - t.shape[d])]
+            padded.append(F.pad(t, widths, value=value) if any(widths) else t)
+        return torch.cat(padded)
+    if isinstance(first, tuple | list):
+        return type(first)(collate([item[k] for item in items], pad) for k in range(len(first)))
+    if isinstance(first, dict):
+        pads = pad if isinstance(pad, dict) else {}
+        return {k: collate([item[k] for item in items], pads.get(k, 0.0)) for k in first}
+    raise TypeError(f"cannot collate inputs of type {type(first).__name__}; expected tensors, tuples or dicts of "
+                    "them")
 
 
 def evaluate_samples(model: Model, samples: Samples, predict: Callable[[Model, Any], Sequence[Any]],

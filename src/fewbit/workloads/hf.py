@@ -60,6 +60,7 @@ from fewbit.workloads.base import (
     Source,
     TrainSettings,
     Workload,
+    collate,
     limited,
     model_device,
     unwrap,
@@ -316,15 +317,19 @@ class Windows(Samples):
     def batches(self, batch_size: int) -> list[list[int]]:
         return self.windows.batches(batch_size)
 
+    def groups(self, indices) -> list[list[int]]:
+        return self.windows.groups(indices)
+
 
 class Sentences(Samples):
     """Sentences tokenized in batches; references come from ``reference(indices)`` (FP32 outputs or labels)."""
 
-    def __init__(self, split: str, sentences: list[str], encode, reference) -> None:
+    def __init__(self, split: str, sentences: list[str], encode, reference, pad_id: int = 0) -> None:
         self.split = split
         self.sentences = sentences
         self.encode = encode
         self.reference = reference
+        self.pad_id = pad_id
 
     def __len__(self) -> int:
         return len(self.sentences)
@@ -334,6 +339,11 @@ class Sentences(Samples):
 
     def references(self, indices) -> list[Any]:
         return self.reference(list(indices))
+
+    def collate(self, items) -> dict[str, torch.Tensor]:
+        """Encoded sentences padded as the tokenizer pads a batch: ids with its pad id, masks with 0, masked-LM
+        labels with -100 (ignored)."""
+        return collate(items, {"input_ids": self.pad_id, "masked_ids": self.pad_id, "mlm_labels": -100})
 
 
 # ---- the workload ---------------------------------------------------------------------------------------------------
@@ -401,7 +411,7 @@ class HuggingFace(Workload):
         self.block_size = min(c.block_size, positions) if positions else c.block_size
         self.num_labels = getattr(config, "num_labels", 0)
         embedded = not c.text
-        parts = embedded_text(c.max_bytes, c.seed) if embedded else split_text(read_text_file(c.text))
+        parts = embedded_text(c.max_bytes, c.data_seed) if embedded else split_text(read_text_file(c.text))
         if self.kind == "causal":
             self.tokens = {}
             for split, content in parts.items():
@@ -474,6 +484,25 @@ class HuggingFace(Workload):
             batch["labels"] = torch.tensor([self.labels["train"][i] for i in chosen])
         return batch
 
+    def synthetic_batch(self, generator: torch.Generator) -> Any:
+        """A training batch of random tokens in :meth:`batch`'s shape and keys, for a warm-up that reads no
+        example (timed runs): ``(ids, targets)`` for a causal LM, else the encoded sentences (masked tokens and
+        labels included where the kind has them)."""
+        c = self.config
+        vocab = len(self.tokenizer)
+        if self.kind == "causal":
+            ids = torch.randint(0, vocab, (c.batch_size, self.block_size), generator=generator)
+            return ids, torch.roll(ids, -1, dims=1)
+        length = min(self.block_size, 16)
+        ids = torch.randint(0, vocab, (c.batch_size, length), generator=generator)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if self.kind == "masked":
+            batch["masked_ids"] = ids
+            batch["mlm_labels"] = ids
+        if self.labelled:
+            batch["labels"] = torch.randint(0, max(self.labels["train"]) + 1, (c.batch_size,), generator=generator)
+        return batch
+
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         model = unwrap(model)
         if self.kind == "causal":
@@ -519,7 +548,8 @@ class HuggingFace(Workload):
             tokens = self.tokens[split]
             return Windows(split, tokens, self.block_size, limited(split, tokens.numel(), limit), self.tokenizer)
         sentences = self.sentences[split][:limited(split, len(self.sentences[split]), limit)]
-        return Sentences(split, sentences, self._encode, lambda indices: self._reference(split, sentences, indices))
+        return Sentences(split, sentences, self._encode, lambda indices: self._reference(split, sentences, indices),
+                         self.tokenizer.pad_token_id or 0)
 
     def _reference(self, split: str, sentences: list[str], indices: list[int]) -> list[Any]:
         """Per sentence: its label (labelled classifier), the FP32 model's label, or the FP32 model's embedding."""

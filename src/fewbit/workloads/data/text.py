@@ -203,6 +203,12 @@ class TokenWindows(Samples):
         full = [list(range(i, min(i + batch_size, self.full))) for i in range(0, self.full, batch_size)]
         return full + ([[self.full]] if self.tail else [])
 
+    def groups(self, indices) -> list[list[int]]:
+        """The short tail window apart from the full ones: padding it would add predicted tokens."""
+        short = [p for p, i in enumerate(indices) if self.tail and i == self.full]
+        full = [p for p, i in enumerate(indices) if not (self.tail and i == self.full)]
+        return [g for g in (full, short) if g]
+
 
 def window_nll(model: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor) -> list[float]:
     """Negative log-likelihood (nats, summed) of each window's tokens after its first under ``model`` (ids (B, T)
