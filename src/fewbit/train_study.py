@@ -13,6 +13,10 @@ For the mixed precision claim, the fp32 run records per-layer histograms of its 
 smallest subnormal (2^-24) — what fp16 without loss scaling flushes to zero — and below 2^-24 / S, with S the
 fp16 run's final loss scale — what is still lost with scaling.
 
+On the quick config each run is shortened (:data:`QUICK_STUDY`: fewer steps, a smaller evaluation) so the whole
+study of one workload fits in about 15 minutes on a 2-core CPU; ``--config`` another config, or ``steps=N``, for
+longer runs.
+
 Writes into the output folder ``results.json``, ``report.md``, ``curves.png`` (every recipe's loss and metric
 curves) and ``grad_underflow.png``; each recipe's ``metrics.jsonl`` under ``<recipe>/``. Rendering lives in
 :mod:`fewbit.report.train_study`.
@@ -40,6 +44,16 @@ from fewbit.workloads.base import config_dict, resolve_device
 from fewbit.workloads.runs import default_out, fit
 
 DEFAULT_RECIPES = ("fp32", "bf16", "fp16", "fp16_noscale", "fp8", "mxfp8", "mxfp6", "mxfp4")
+
+# On the quick config the study shortens each run so that all eight recipes fit in about 15 minutes on a 2-core
+# CPU (an emulated format's step costs 1.2-1.5x fp32's): the quick model and hyper-parameters, fewer steps (the
+# warmup scaled with them) and a smaller evaluation. Overrides given on the command line come after these.
+QUICK_STUDY: dict[str, tuple[str, ...]] = {
+    "lm": ("steps=200", "warmup=15", "eval_limit=32768"),
+    "vision": ("steps=400", "warmup=20", "eval_limit=2000"),
+    "translate": ("steps=300", "warmup=25", "eval_limit=300"),
+    "asr": ("steps=250", "warmup=25"),
+}
 FP16_TINY = formats.get("fp16").min_subnormal  # 2^-24
 
 Progress = Callable[[str, int, int], None]
@@ -73,7 +87,8 @@ def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = ()
     if with_fp32 and "fp32" not in [r.name for r in chosen]:
         chosen.insert(0, _recipes.get("fp32"))
     cls = get_workload(workload_name)
-    conf = cls.load_config(config, overrides)
+    shortened = QUICK_STUDY.get(workload_name, ()) if config == "quick" else ()
+    conf = cls.load_config(config, [*shortened, *overrides])
     every = eval_every or max(conf.steps // 10, 1)
     goal = TARGETS.get(workload_name)
     out = Path(out) if out is not None else default_out("fewbit-study-train", workload_name, config, overrides)
@@ -98,7 +113,8 @@ def run(workload_name: str, config: str = "quick", overrides: Sequence[str] = ()
             else None
     scale = next((r["final_scale"] for r in rows if r["recipe"] == "fp16" and r["final_scale"]), None)
     record = {"workload": workload_name, "metric": cls.metric, "higher_is_better": cls.higher_is_better,
-              "split": split, "config_name": config, "overrides": list(overrides), "config": config_dict(conf),
+              "split": split, "config_name": config, "overrides": list(overrides), "study_overrides": list(shortened),
+              "config": config_dict(conf),
               "eval_every": every, "target": {"metric": goal.metric, "describe": goal.describe(),
                                              "target": goal.target} if goal is not None else None,
               "results": rows, "gradients": _gradient_table(grad_stats, scale), "out": str(out)}
