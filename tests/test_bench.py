@@ -87,3 +87,18 @@ def test_bench_refuses_bad_arguments_before_loading(capsys):
     assert "backend='tensorrt'" in capsys.readouterr().err
     with pytest.raises(ValueError, match="mode='fast'"):
         bench.run("vision", mode="fast")
+
+
+def test_compile_backend_accuracy_equals_eager(checkpoint, tmp_path, capsys):
+    """``--backend compile`` runs torch.compile's module (compiled in the untimed warm-up); its accuracy-mode
+    score is the eager model's ``fewbit eval`` (inductor may reorder float sums, so equal to 1e-6)."""
+    import shutil
+
+    if shutil.which("g++") is None and shutil.which("c++") is None:  # .ci/run installs g++
+        pytest.skip("torch.compile's CPU backend needs a C++ compiler")
+    record = _cli_json(capsys, ["bench", "vision", "--checkpoint", str(checkpoint), "--scenario", "Offline",
+                                "--backend", "compile", "--mode", "both", "--out", str(tmp_path), "--json", *QUICK])
+    assert record["backend"] == "compile" and record["valid"] is True and record["errors"] == 0
+    assert "torch.compile" in record["backend_description"]
+    evaluated = _cli_json(capsys, ["eval", "vision", "--checkpoint", str(checkpoint), "--limit", "32", "--json"])
+    assert record["accuracy"] == pytest.approx(evaluated["accuracy"], abs=1e-6)
