@@ -260,3 +260,13 @@ def test_ort_fp32_backend_matches_torch(tiny, tmp_path):
     x = samples.inputs(range(8))
     with torch.no_grad():
         torch.testing.assert_close(ort.model(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_an_unmet_early_stopping_estimate_is_no_metric():
+    from fewbit.mlperf.logs import Detail, scenario_metric
+
+    met = Detail(values={"early_stopping_met": True, "early_stopping_latency_ss": 4_000_000})
+    assert scenario_metric("SingleStream", met)[1] == 4.0  # ms
+    unmet = Detail(values={"early_stopping_met": False, "early_stopping_latency_ss": 0})
+    assert scenario_metric("SingleStream", unmet)[1] is None  # LoadGen's 0 is not a latency
+    assert scenario_metric("Offline", Detail(values={"result_samples_per_second": 10.0}))[1] == 10.0

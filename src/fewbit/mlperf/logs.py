@@ -123,9 +123,12 @@ def read_summary(folder: str | Path) -> Summary:
 
 def scenario_metric(scenario: str, detail: Detail) -> tuple[str, float | None, str, bool]:
     """(name, value, unit, higher is better) of the scenario's metric from the detail log; the value is None when
-    the log lacks it (an unfinished run)."""
+    the log lacks it (an unfinished run) or when it is an early-stopping estimate and early stopping was not met
+    (LoadGen then writes 0)."""
     name, key, unit, scale, higher = METRICS[scenario]
     value = detail.values.get(key)
+    if key.startswith("early_stopping") and detail.values.get("early_stopping_met") is False:
+        value = None
     return name, (float(value) * scale if value is not None else None), unit, higher
 
 
