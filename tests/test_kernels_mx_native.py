@@ -18,8 +18,9 @@ from fewbit.kernels import native
 MX_SPECS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
 SCALE_MODES = [m.value for m in ScaleMode]
 ROUNDINGS = [r.value for r in Rounding]
-# (shape, blocked axis): last axis with a partial block, a leading axis (columns), a middle axis.
-LAYOUTS = [((6, 70), -1), ((45, 9), 0), ((2, 37, 5), 1)]
+# (shape, blocked axis): last axis with a partial block, a leading axis (columns), a middle axis, and rows long enough
+# for the kernel's eight-blocks-at-a-time path (18 full blocks and a partial one per row).
+LAYOUTS = [((6, 70), -1), ((45, 9), 0), ((2, 37, 5), 1), ((3, 600), -1)]
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +100,12 @@ def test_native_equals_reference_on_other_inputs(name, monkeypatch):
     ]
     for case in cases:
         assert_same(*both_ways(case, name, monkeypatch))
+    # Long rows of finite blocks with a few non-finite ones between them: the kernel switches between eight blocks
+    # at a time and one at a time.
+    sparse = finite_values((4, 1100), seed=6)
+    sparse.view(-1)[torch.tensor([300, 1500, 2999])] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for mode in SCALE_MODES:
+        assert_same(*both_ways(sparse, name, monkeypatch, scale_mode=mode))
     for block in (16, 4, 96):  # other block sizes, one longer than the axis
         assert_same(*both_ways(x, name, monkeypatch, block_size=block))
         assert_same(*both_ways(x, name, monkeypatch, block_size=block, axis=0))
