@@ -165,3 +165,20 @@ def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
         assert not list((tmp_path / "kernels").glob(".*.tmp"))
     finally:
         native.library.cache_clear()
+
+
+def test_native_same_bytes_on_every_thread_count():
+    """The eval weight cache's comparison: 1 MiB pieces over the threads, any difference found in any piece."""
+    lib = native.library()
+    x = torch.randn(3 << 18)  # 3 MiB: three pieces
+    for threads in (1, 2, 3):
+        assert lib.fewbit_same_bytes(x.data_ptr(), x.clone().data_ptr(), x.numel() * 4, threads) == 1
+        for index in (0, (1 << 18) + 5, x.numel() - 1):
+            y = x.clone()
+            y.view(torch.int32)[index] ^= 1 << 31  # the sign bit
+            assert lib.fewbit_same_bytes(x.data_ptr(), y.data_ptr(), x.numel() * 4, threads) == 0
+    big = x.reshape(768, 1024)
+    changed = big.clone()
+    changed[-1, -1] = -changed[-1, -1]
+    fewbit.fake_quantize(big[:1], "mxfp8_e4m3")  # an MX pass has loaded the library: same_bits uses it
+    assert native.same_bits(big, big.clone()) and not native.same_bits(big, changed)

@@ -14,6 +14,7 @@
 // the reference (multiplications by powers of two, one division in rceil), rounded to nearest even.
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <omp.h>
@@ -659,6 +660,21 @@ int fewbit_mx_pass(const float* x, int64_t outer, int64_t L, int64_t inner, int6
   std::memcpy(&p, params, sizeof(Params));
   Pass s{x, outer, L, inner, block, (L + block - 1) / block, &p, random, out, codes, scales};
   return fake ? dispatch<true>(rounding, s, nthreads) : dispatch<false>(rounding, s, nthreads);
+}
+
+// 1 when the n bytes at a and b are equal, else 0: memcmp over one contiguous range per thread, in 1 MiB pieces, each
+// thread stopping once any has found a difference. (The eval weight cache's exact staleness check.)
+int fewbit_same_bytes(const uint8_t* a, const uint8_t* b, int64_t n, int nthreads) {
+  constexpr int64_t PIECE = 1 << 20;
+  if (n <= 0) return 1;
+  std::atomic<bool> differ{false};
+  parallel_ranges((n + PIECE - 1) / PIECE, std::max(nthreads, 1), [&](int64_t p0, int64_t p1) {
+    for (int64_t i = p0; i < p1 && !differ.load(std::memory_order_relaxed); ++i) {
+      const int64_t start = i * PIECE, len = std::min(PIECE, n - start);
+      if (std::memcmp(a + start, b + start, len) != 0) differ.store(true, std::memory_order_relaxed);
+    }
+  });
+  return differ.load() ? 0 : 1;
 }
 
 }  // extern "C"
