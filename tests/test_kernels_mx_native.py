@@ -18,9 +18,10 @@ from fewbit.kernels import native
 MX_SPECS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
 SCALE_MODES = [m.value for m in ScaleMode]
 ROUNDINGS = [r.value for r in Rounding]
-# (shape, blocked axis): last axis with a partial block, a leading axis (columns), a middle axis, and rows long enough
-# for the kernel's eight-blocks-at-a-time path (18 full blocks and a partial one per row).
-LAYOUTS = [((6, 70), -1), ((45, 9), 0), ((2, 37, 5), 1), ((3, 600), -1)]
+# (shape, blocked axis): last axis with a partial block, a leading axis (columns), a middle axis, rows long enough
+# for the kernel's eight-blocks-at-a-time path (18 full blocks and a partial one per row), and columns wide enough
+# for its 64-columns-at-a-time path (and 36 more).
+LAYOUTS = [((6, 70), -1), ((45, 9), 0), ((2, 37, 5), 1), ((3, 600), -1), ((70, 100), 0)]
 
 
 @pytest.fixture(autouse=True)

@@ -562,23 +562,46 @@ void columns_range(const Pass& s, int64_t t0, int64_t t1) {
     const int64_t o = ob / s.nblocks, b = ob - o * s.nblocks;
     const int64_t c0 = k * CHUNK, width = std::min(CHUNK, s.inner - c0);
     const int64_t l0 = b * s.block, l1 = std::min(s.L, l0 + s.block);
-    alignas(32) int32_t amax[CHUNK];
+    alignas(32) int32_t amax[CHUNK + W];
     alignas(32) float reciprocal[CHUNK + W], scale[CHUNK + W];
-    for (int64_t i = 0; i < width; ++i) amax[i] = 0;
+    const float* X = s.x + o * s.L * s.inner + c0;
+    int64_t i = 0;
+    for (; i + 8 * W <= width; i += 8 * W) {  // 64 columns' maxima in registers over the block's rows
+      vi m[8] = {};
+      for (int64_t l = l0; l < l1; ++l) {
+        const float* xr = X + l * s.inner + i;
+        for (int q = 0; q < 8; ++q) m[q] = vmax(m[q], load(xr + q * W) & ABS);
+      }
+      std::memcpy(amax + i, m, sizeof m);
+    }
+    for (int64_t j = i; j < width + W; ++j) amax[j] = 0;
     for (int64_t l = l0; l < l1; ++l) {
-      const int32_t* xi = reinterpret_cast<const int32_t*>(s.x + (o * s.L + l) * s.inner + c0);
+      const int32_t* xi = reinterpret_cast<const int32_t*>(X + l * s.inner);
 #pragma omp simd
-      for (int64_t i = 0; i < width; ++i) amax[i] = std::max(amax[i], xi[i] & ABS);
+      for (int64_t j = i; j < width; ++j) amax[j] = std::max(amax[j], xi[j] & ABS);
     }
     uint8_t* scales = FAKE ? nullptr : s.scales + ob * s.inner + c0;
-    bool finite = true;
-    for (int64_t i = 0; i < width; ++i) {
-      const int32_t c = scale_code(amax[i], p);
-      finite &= (amax[i] < INF) & (c != 255);
-      reciprocal[i] = e8m0_reciprocal(c);
-      scale[i] = block_scale(c, p);
-      if (!FAKE) scales[i] = uint8_t(c);
+    vi nonfinite{};
+    const vf down = splatf(fixed_point_down(p));
+    for (i = 0; i < width; i += W) {  // eight columns' codes at a time (past `width`: amax 0, dropped)
+      vi a;
+      std::memcpy(&a, amax + i, sizeof a);
+      const vi c = scale_codes(a, p);
+      nonfinite |= (a >= INF) | (c == 255);
+      const vf r = e8m0_reciprocals(c), v = p.fixed_point ? e8m0_values(c) * down : e8m0_values(c);
+      std::memcpy(reciprocal + i, &r, sizeof r);
+      std::memcpy(scale + i, &v, sizeof v);
+      if (!FAKE) {
+        if (i + W <= width) {
+          store_bytes(scales + i, c);
+        } else {
+          uint8_t cb[W];
+          store_bytes(cb, c);
+          std::memcpy(scales + i, cb, width - i);
+        }
+      }
     }
+    const bool finite = !any(nonfinite);
     for (int64_t i = width; i < width + W; ++i) reciprocal[i] = scale[i] = 1.0f;  // the dropped tail lanes
     for (int64_t l = l0; l < l1; ++l) {
       const int64_t start = (o * s.L + l) * s.inner + c0;
