@@ -347,6 +347,11 @@ struct Fast {
   vf sub_scale;
   int enc_shift;
   bool enc_is_int;
+  // Codes straight from the rounding's sum (fast_codes): a float format with subnormals whose grid is the one
+  // rounded onto (same mantissa bits, emin = 1 - bias).
+  bool direct;
+  vi max_code;
+  int code_shift;
 
   explicit Fast(const Params& p) {
     const int32_t emin = p.c - 150 + p.m;
@@ -361,6 +366,9 @@ struct Fast {
     sign_code = splat(p.enc_signed ? (1 << p.enc_mag_bits) : 0);
     sub_scale = splatf(float(p.enc_sub_scale));
     enc_is_int = p.enc_is_int != 0;
+    direct = !enc_is_int && p.enc_m == p.m && p.enc_sub_scale > 0 && emin == 1 - p.enc_bias;
+    max_code = splat((p.maxpos >> (23 - p.enc_m)) - ((127 - p.enc_bias) << p.enc_m));
+    code_shift = 23 - p.m;
   }
 };
 
@@ -397,14 +405,35 @@ ALWAYS_INLINE vi fast_encode(vi bits, const Fast& f) {
   return (code | ((bits < 0) & f.sign_code)) & 0xFF;
 }
 
+// The codes of eight elements (& 0xFF), for Fast::direct formats, without forming the rounded values: with M and the
+// sum |s| + M of fast_round, the sum's pattern minus M's is k = (rounded |s|) / q, the multiple of the quantum
+// (both lie in one binade of ulp q). Below 2^emin, k is the code (a count of smallest subnormals, 2^m for 2^emin
+// itself); at or above, with q = 2^(e - m), the code is ((e + bias) << m) + k - 2^m = k + ((e - emin) << m), and
+// (e - emin) << m is (M's pattern - that of 2^emin's M) >> (23 - m). A carry to k = 2^(m + 1) gives the next
+// binade's first code, as encoding the carried value does. Codes grow with the value, so saturating at the largest
+// value's code is saturating the value. The sign code is the scaled value's sign (formats without -0 drop it at 0).
+template <bool FIXED, bool SZ>
+ALWAYS_INLINE vi fast_codes(const float* x, vf reciprocal, const Fast& f) {
+  vf s = (vf)load(x) * reciprocal;
+  if (FIXED) s = s * f.up;
+  vi bits = (vi)s;
+  vi a = bits & ABS;
+  vi m = vmax(a & INF, f.threshold) + f.offset;
+  vi k = (vi)((vf)a + (vf)m) - m;
+  vi code = vmin(k + ((m - (f.threshold + f.offset)) >> f.code_shift), f.max_code);
+  vi sign = (bits < 0) & f.sign_code;
+  if (!SZ) sign = code == 0 ? vi{} : sign;
+  return code | sign;
+}
+
 template <bool FAKE, bool FIXED, bool SZ>
 ALWAYS_INLINE void fast_elements(const float* x, vf reciprocal, vf scale, const Fast& f, float* out, uint8_t* codes) {
-  vi r = fast_round<FIXED, SZ>(x, reciprocal, f);
   if (FAKE) {
-    vf value = (vf)r * scale;
+    vf value = (vf)fast_round<FIXED, SZ>(x, reciprocal, f) * scale;
     std::memcpy(out, &value, sizeof value);
   } else {
-    store_bytes(codes, fast_encode(r, f));
+    store_bytes(codes, f.direct ? fast_codes<FIXED, SZ>(x, reciprocal, f)
+                                : fast_encode(fast_round<FIXED, SZ>(x, reciprocal, f), f));
   }
 }
 
@@ -426,6 +455,12 @@ ALWAYS_INLINE void fast_run(int64_t n, const float* x, vf reciprocal, vf scale, 
   int64_t j = 0;
   if (FAKE) {
     for (; j + W <= n; j += W) fast_elements<FAKE, FIXED, SZ>(x + j, reciprocal, scale, f, out + j, nullptr);
+  } else if (f.direct) {
+    for (; j + 4 * W <= n; j += 4 * W)
+      store_bytes32(codes + j, fast_codes<FIXED, SZ>(x + j, reciprocal, f), fast_codes<FIXED, SZ>(x + j + W, reciprocal, f),
+                    fast_codes<FIXED, SZ>(x + j + 2 * W, reciprocal, f),
+                    fast_codes<FIXED, SZ>(x + j + 3 * W, reciprocal, f));
+    for (; j + W <= n; j += W) store_bytes(codes + j, fast_codes<FIXED, SZ>(x + j, reciprocal, f));
   } else {
     for (; j + 4 * W <= n; j += 4 * W)
       store_bytes32(codes + j, fast_encode(fast_round<FIXED, SZ>(x + j, reciprocal, f), f),
