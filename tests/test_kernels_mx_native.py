@@ -118,8 +118,16 @@ def test_native_is_used_and_large_tensors_run_threaded(monkeypatch):
     original = native.mx_pass
     monkeypatch.setattr(native, "mx_pass", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
     x = hard_values((64, 1024), seed=2)  # above native.SMALL: all threads
-    assert_same(*both_ways(x, "mxfp8_e4m3", monkeypatch, axis=0))
-    assert calls == [x.shape, x.shape]  # native for both calls; the reference did not go through it
+    finite = finite_values((64, 1024), seed=7)  # the fast paths (eight blocks, 64 columns at a time)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two threads even where the tests run with OMP_NUM_THREADS=1
+    try:
+        assert_same(*both_ways(x, "mxfp8_e4m3", monkeypatch, axis=0))
+        assert calls == [x.shape, x.shape]  # native for both calls; the reference did not go through it
+        for axis in (0, 1):
+            assert_same(*both_ways(finite, "mxfp6_e2m3", monkeypatch, axis=axis))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compiled_mx_path_still_equals_eager(monkeypatch):
@@ -172,8 +180,9 @@ def test_native_same_bytes_on_every_thread_count():
     """The eval weight cache's comparison: 1 MiB pieces over the threads, any difference found in any piece."""
     lib = native.library()
     x = torch.randn(3 << 18)  # 3 MiB: three pieces
+    same = x.clone()  # held by a name: a temporary's memory would be freed before the call reads it
     for threads in (1, 2, 3):
-        assert lib.fewbit_same_bytes(x.data_ptr(), x.clone().data_ptr(), x.numel() * 4, threads) == 1
+        assert lib.fewbit_same_bytes(x.data_ptr(), same.data_ptr(), x.numel() * 4, threads) == 1
         for index in (0, (1 << 18) + 5, x.numel() - 1):
             y = x.clone()
             y.view(torch.int32)[index] ^= 1 << 31  # the sign bit

@@ -1,8 +1,10 @@
 // One-pass MX quantization on the CPU: block amax, E8M0 scale code, element rounding and (fake) dequantization or
-// encoding, reading each element once and writing once. A transcription of the torch reference in
-// fewbit/kernels/{e8m0,cast,quantize}.py, operation for operation, in 32-bit integer and IEEE float32 arithmetic,
-// so that its results equal the reference's bit for bit (the tests compare them at atol=0 over every MX format,
-// scale mode and rounding mode). Built and loaded by fewbit/kernels/native.py; no torch headers, plain C ABI.
+// encoding, reading each element once and writing once. The general path is a transcription of the torch reference
+// in fewbit/kernels/{e8m0,cast,quantize}.py, operation for operation, in 32-bit integer and IEEE float32
+// arithmetic; the fast path (finite blocks under round-to-nearest-even, see plain_format) reaches the same results
+// in fewer operations, argued where it is defined. Both equal the reference bit for bit (the tests compare them at
+// atol=0 over every MX format, scale mode and rounding mode). Built and loaded by fewbit/kernels/native.py; no torch
+// headers, plain C ABI.
 //
 // The tensor is seen as (outer, L, inner) float32, contiguous, with blocks of `block` elements along L (the last
 // block zero-padded, which does not change an amax). inner == 1: each block is contiguous (blocks along the last
@@ -10,8 +12,9 @@
 // leading axis (the backward GEMMs' operands) needs no transposed copy. Outputs are in the same layout; the scale
 // codes are (outer, ceil(L / block), inner).
 //
-// Compiled without -ffast-math and with -ffp-contract=off: every float operation is the single IEEE operation of
-// the reference (multiplications by powers of two, one division in rceil), rounded to nearest even.
+// Compiled without -ffast-math and with -ffp-contract=off: every float operation is a single IEEE operation
+// (multiplications by powers of two, one division in rceil, the fast path's additions), rounded to nearest even,
+// the FPU's default mode, which torch keeps.
 
 #include <algorithm>
 #include <atomic>
@@ -529,8 +532,7 @@ void rows_range(const Pass& s, int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
     // Eight full, finite blocks of 32 at a time: their maxima, codes and scales on eight lanes.
     if (F != NO_FAST && BS == 32) {
-      bool more = true;
-      while (more && g + 8 <= g1 && b + 8 <= full) {
+      while (g + 8 <= g1 && b + 8 <= full) {
         const int64_t start = o * L + b * 32;
         const float* x = X + start;
         vi m[8];
@@ -539,10 +541,7 @@ void rows_range(const Pass& s, int64_t g0, int64_t g1) {
                       vmax(load(x + 32 * k + 16) & ABS, load(x + 32 * k + 24) & ABS));
         const vi amax = hmax8(m);
         const vi c = scale_codes(amax, p);
-        if (any((amax >= INF) | (c == 255))) {
-          more = false;  // a block with inf or NaN among them: one block at a time below
-          break;
-        }
+        if (any((amax >= INF) | (c == 255))) break;  // a block with inf or NaN among them: one at a time below
         const vf reciprocals = e8m0_reciprocals(c);
         const vf scales = p.fixed_point ? e8m0_values(c) * down : e8m0_values(c);
         if (!FAKE) store_bytes(SCALES + g, c);
