@@ -6,16 +6,16 @@ optionally the same for one workload's real model and batch.
 
 A step is forward, loss (MLP: MSE against a fixed random target; a workload: its own training loss on its batch 0),
 backward, SGD step and zero_grad. Every configuration starts from a deep copy of the same initial model: plain torch
-(unconverted), ``fewbit.quantize_`` with each recipe, and torchao's
-``convert_to_float8_training(..., config=Float8LinearConfig(emulate=True))``. The eval forward runs with
-``model.eval()`` under ``torch.no_grad()``, where fewbit caches the quantized weights. Ratios are to the fewbit
-``fp32`` recipe of the same model measured in the same run. Compilation happens in the first, untimed call, reported
-in its own column. Timing then runs in rounds that visit every configuration in turn (so a busy neighbour slows all
-of them alike); each round takes the median of ``--repeats`` calls after ``--warmup`` untimed ones, and the table
-shows the median over the rounds with its spread (half the range, in percent). On a shared machine ``--threads 1``
-gives steadier numbers. ``--profile RECIPE`` adds a torch.profiler table of one MLP training step under that recipe,
-sorted by self CPU time. The printed targets are the project's stated goals for the MX recipes on the MLP; a MISS is
-reported, never raised.
+(unconverted), ``fewbit.quantize_`` with each recipe, and torchao's ``convert_to_float8_training(...,
+config=Float8LinearConfig(emulate=True))``. The eval forward runs with ``model.eval()`` under ``torch.no_grad()``,
+where fewbit caches the quantized weights. Ratios are to the fewbit ``fp32`` recipe of the same model measured in the
+same run. Compilation happens in the first, untimed call, reported in its own column. Timing then runs in rounds that
+visit every configuration in turn (so a busy neighbour slows all of them alike); each round takes the median of
+``--repeats`` calls after ``--warmup`` untimed ones, and the table shows the median over the rounds with its spread
+(half the range, in percent). On a shared machine ``--threads 1`` gives steadier numbers, and ``--threads 1 --clock
+thread`` (the thread's CPU time instead of wall time) steady ones while other jobs share the machine. ``--profile
+RECIPE`` adds a torch.profiler table of one MLP training step under that recipe, sorted by self CPU time. The printed
+targets are the project's stated goals for the MX recipes on the MLP; a MISS is reported, never raised.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 import fewbit
-from benchmarks.common import environment, time_it, write_json
+from benchmarks.common import CLOCKS, environment, time_it, write_json
 
 RECIPES = ["fp32", "bf16", "fp8", "mxfp8", "mxfp6", "mxfp4", "int8"]
 BASELINE = "fp32"
@@ -89,7 +89,7 @@ class Config:
         with torch.no_grad():
             self.loss(self.model)
 
-    def run(self, kind: str, first: bool, repeats: int, warmup: int) -> None:
+    def run(self, kind: str, first: bool, repeats: int, warmup: int, clock: str = "wall") -> None:
         """The first (compiling) call, or one round of timing; a failure is recorded, not raised."""
         if kind in self.errors:
             return
@@ -99,7 +99,7 @@ class Config:
             if first:
                 self.first[kind] = first_call_s(fn)
             else:  # the warm-up also refreshes the eval weight cache after the training steps changed the weights
-                self.times[kind].append(time_it(fn, repeats=repeats, warmup=warmup))
+                self.times[kind].append(time_it(fn, repeats=repeats, warmup=warmup, clock=clock))
         except Exception as error:  # a configuration that fails is reported, not fatal to the whole run
             self.errors[kind] = f"{type(error).__name__}: {error}"
 
@@ -162,6 +162,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration and round")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice); 1 gives steadier "
                         "numbers on a shared machine")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="wall time (default), or the "
+                        "calling thread's CPU time (with --threads 1: steady on a machine shared with other jobs)")
     parser.add_argument("--profile", metavar="RECIPE", help="also print a torch.profiler table of one step")
     parser.add_argument("--workload", help="also time this workload's model on its own batch (e.g. lm, vision), "
                         "under fp32 and the recipes")
@@ -193,7 +195,7 @@ def main() -> None:
     for first in [True] + [False] * args.rounds:  # rounds interleave the configurations, so drift hits all alike
         for run in runs:
             for kind in ("step", "eval"):
-                run.run(kind, first, args.repeats, args.warmup)
+                run.run(kind, first, args.repeats, args.warmup, args.clock)
     rows = [run.row() for run in runs]
     by_config = {r["config"]: r for r in rows}
     for r in rows:
@@ -206,7 +208,7 @@ def main() -> None:
     console.print(environment())
     table = Table(title=f"Training step and eval forward, {args.layers}x Linear({args.width}, {args.width}) ReLU MLP, "
                         f"batch {args.batch}, float32 master weights, SGD; median over {args.rounds} rounds of the "
-                        f"median of {args.repeats} ({torch.get_num_threads()} threads)"
+                        f"median of {args.repeats} ({torch.get_num_threads()} threads, {args.clock} clock)"
                         + (f"; rows '{args.workload} <recipe>': the {args.workload} workload's model "
                            f"({args.workload_config} config) on its batch, ratios to its own fp32" if args.workload
                            else ""))
@@ -242,7 +244,7 @@ def main() -> None:
         console.print(f"\ntorch.profiler, one {args.profile} training step, sorted by self CPU time:")
         print(profile)
 
-    write_json(args.json, {"environment": environment(), "batch": args.batch, "width": args.width,
+    write_json(args.json, {"environment": environment(), "clock": args.clock, "batch": args.batch, "width": args.width,
                            "layers": args.layers, "rounds": args.rounds, "repeats": args.repeats,
                            "warmup": args.warmup, "rows": rows,
                            "targets": targets, "profile": profile})

@@ -26,29 +26,38 @@ def environment() -> dict:
     }
 
 
-def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` in seconds, after ``warmup`` untimed calls (compilation happens there)."""
+# What time_it measures: wall time (the default), or the CPU time of the calling thread ("thread": with one torch
+# thread, what a quiet machine's wall time would be, steady on a machine shared with other jobs, which only delay
+# the thread; it does not count other threads, so it is meant for --threads 1).
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 2, clock: str = "wall") -> float:
+    """Median time of ``fn()`` in seconds by ``clock`` (:data:`CLOCKS`), after ``warmup`` untimed calls
+    (compilation happens there)."""
+    now = CLOCKS[clock]
     for _ in range(warmup):
         fn()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = now()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(now() - start)
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeats: int, warmup: int) -> dict[str, list[float]]:
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, repeats: int, warmup: int,
+                clock: str = "wall") -> dict[str, list[float]]:
     """Per name, the ``time_it`` of its callable in each of ``rounds`` rounds; every round visits every callable in
     turn, so a slow spell of a shared machine hits all of them alike instead of one configuration."""
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            times[name].append(time_it(fn, repeats=repeats, warmup=warmup))
+            times[name].append(time_it(fn, repeats=repeats, warmup=warmup, clock=clock))
     return times
 
 

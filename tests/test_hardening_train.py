@@ -297,6 +297,34 @@ def test_eval_weight_cache_sees_an_edit_through_data(recipe):
         assert torch.equal(model(x), fresh(x))
 
 
+@pytest.mark.parametrize("recipe", ["int8", "mxfp8"])
+def test_eval_weight_cache_sees_a_one_bit_edit_anywhere(recipe):
+    import fewbit
+
+    torch.manual_seed(0)
+    model = fewbit.quantize_(nn.Sequential(nn.Linear(64, 32)), recipe).eval()
+    layer, x = model[0], torch.randn(4, 64)
+
+    def served_from_current_bits():
+        cache = layer._weight_cache
+        return cache is not None and torch.equal(cache[1].view(torch.int32), layer.weight.detach().view(torch.int32))
+
+    with torch.no_grad():
+        model(x)
+        for index in (0, layer.weight.numel() - 1):  # the first and the last element of the weight
+            layer.weight.data.view(-1).view(torch.int32)[index] ^= 1  # its lowest mantissa bit; no version bump
+            model(x)
+            assert served_from_current_bits()
+        layer.weight.data[3, 5] = 0.0
+        model(x)
+        layer.weight.data[3, 5] = -0.0  # equal values, different bits
+        model(x)
+        assert served_from_current_bits()
+        fresh = fewbit.quantize_(nn.Sequential(nn.Linear(64, 32)), recipe).eval()
+        fresh.load_state_dict(model.state_dict())
+        assert torch.equal(model(x).view(torch.int32), fresh(x).view(torch.int32))
+
+
 # ---- 10. tied weights counted once; layer_recipes patterns that match nothing ----------------------------------
 
 

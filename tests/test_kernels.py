@@ -113,3 +113,23 @@ def test_fp8_gemm_eligibility(monkeypatch):
     monkeypatch.undo()
     monkeypatch.setenv("FEWBIT_SCALED_MM", "0")
     assert not fp8_gemm.fp8_gemm_enabled()
+
+
+def test_same_bits_is_exact_on_every_path():
+    from fewbit.kernels import native
+
+    x = torch.randn(64, 33)
+    x[0, 0], x[1, 1] = float("nan"), -0.0
+    assert native.same_bits(x, x.clone())  # NaN equals the same NaN pattern (torch.equal of the values says no)
+    for index in (0, x.numel() - 1):  # the first and the last byte compared
+        y = x.clone()
+        y.view(-1).view(torch.int32)[index] ^= 1  # the lowest mantissa bit
+        assert not native.same_bits(x, y)
+    z = x.clone()
+    z[1, 1] = 0.0
+    assert not native.same_bits(x, z)  # -0 differs from +0
+    assert not native.same_bits(x, x.double()) and not native.same_bits(x, x.reshape(33, 64))
+    # Non-contiguous: the torch fallback, with the same answers.
+    assert native.same_bits(x.t(), x.clone().t()) and not native.same_bits(x.t(), z.t())
+    assert native.same_bits(x[:0], x[:0].clone())
+    assert native.same_bits(torch.arange(5), torch.arange(5)) and not native.same_bits(torch.arange(5), torch.zeros(5))

@@ -18,8 +18,10 @@ from fewbit.kernels import native
 MX_SPECS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4_e2m1", "mxint8"]
 SCALE_MODES = [m.value for m in ScaleMode]
 ROUNDINGS = [r.value for r in Rounding]
-# (shape, blocked axis): last axis with a partial block, a leading axis (columns), a middle axis.
-LAYOUTS = [((6, 70), -1), ((45, 9), 0), ((2, 37, 5), 1)]
+# (shape, blocked axis): last axis with a partial block, a leading axis (columns), a middle axis, rows long enough
+# for the kernel's eight-blocks-at-a-time path (18 full blocks and a partial one per row), and columns wide enough
+# for its 64-columns-at-a-time path (and 36 more).
+LAYOUTS = [((6, 70), -1), ((45, 9), 0), ((2, 37, 5), 1), ((3, 600), -1), ((70, 100), 0)]
 
 
 @pytest.fixture(autouse=True)
@@ -99,6 +101,12 @@ def test_native_equals_reference_on_other_inputs(name, monkeypatch):
     ]
     for case in cases:
         assert_same(*both_ways(case, name, monkeypatch))
+    # Long rows of finite blocks with a few non-finite ones between them: the kernel switches between eight blocks
+    # at a time and one at a time.
+    sparse = finite_values((4, 1100), seed=6)
+    sparse.view(-1)[torch.tensor([300, 1500, 2999])] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for mode in SCALE_MODES:
+        assert_same(*both_ways(sparse, name, monkeypatch, scale_mode=mode))
     for block in (16, 4, 96):  # other block sizes, one longer than the axis
         assert_same(*both_ways(x, name, monkeypatch, block_size=block))
         assert_same(*both_ways(x, name, monkeypatch, block_size=block, axis=0))
@@ -110,8 +118,16 @@ def test_native_is_used_and_large_tensors_run_threaded(monkeypatch):
     original = native.mx_pass
     monkeypatch.setattr(native, "mx_pass", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
     x = hard_values((64, 1024), seed=2)  # above native.SMALL: all threads
-    assert_same(*both_ways(x, "mxfp8_e4m3", monkeypatch, axis=0))
-    assert calls == [x.shape, x.shape]  # native for both calls; the reference did not go through it
+    finite = finite_values((64, 1024), seed=7)  # the fast paths (eight blocks, 64 columns at a time)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two threads even where the tests run with OMP_NUM_THREADS=1
+    try:
+        assert_same(*both_ways(x, "mxfp8_e4m3", monkeypatch, axis=0))
+        assert calls == [x.shape, x.shape]  # native for both calls; the reference did not go through it
+        for axis in (0, 1):
+            assert_same(*both_ways(finite, "mxfp6_e2m3", monkeypatch, axis=axis))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_compiled_mx_path_still_equals_eager(monkeypatch):
@@ -158,3 +174,21 @@ def test_build_is_cached_by_source_and_flags(monkeypatch, tmp_path):
         assert not list((tmp_path / "kernels").glob(".*.tmp"))
     finally:
         native.library.cache_clear()
+
+
+def test_native_same_bytes_on_every_thread_count():
+    """The eval weight cache's comparison: 1 MiB pieces over the threads, any difference found in any piece."""
+    lib = native.library()
+    x = torch.randn(3 << 18)  # 3 MiB: three pieces
+    same = x.clone()  # held by a name: a temporary's memory would be freed before the call reads it
+    for threads in (1, 2, 3):
+        assert lib.fewbit_same_bytes(x.data_ptr(), same.data_ptr(), x.numel() * 4, threads) == 1
+        for index in (0, (1 << 18) + 5, x.numel() - 1):
+            y = x.clone()
+            y.view(torch.int32)[index] ^= 1 << 31  # the sign bit
+            assert lib.fewbit_same_bytes(x.data_ptr(), y.data_ptr(), x.numel() * 4, threads) == 0
+    big = x.reshape(768, 1024)
+    changed = big.clone()
+    changed[-1, -1] = -changed[-1, -1]
+    fewbit.fake_quantize(big[:1], "mxfp8_e4m3")  # an MX pass has loaded the library: same_bits uses it
+    assert native.same_bits(big, big.clone()) and not native.same_bits(big, changed)

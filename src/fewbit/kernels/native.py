@@ -113,7 +113,50 @@ def library() -> ctypes.CDLL | None:
     lib.fewbit_mx_pass.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                                    ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.fewbit_same_bytes.restype = ctypes.c_int
+    lib.fewbit_same_bytes.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     return lib
+
+
+@functools.cache
+def _memcmp():
+    """The C library's ``memcmp`` through ctypes, or None where the process exposes no C library (ctypes' CDLL(None)
+    is the running program and the libraries it loaded: glibc on Linux, libSystem on macOS)."""
+    try:
+        fn = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    return fn
+
+
+_INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` have the same dtype, shape and bits: exact (a NaN equals only the same NaN pattern,
+    -0 differs from +0). Two contiguous CPU tensors are compared by C ``memcmp`` over their bytes, at memory speed:
+    on all threads by the native library when an MX pass has loaded it (large tensors), else by one call to the C
+    library's. ``torch.equal`` on the integer views, the fallback elsewhere, was measured 8x slower than one
+    ``memcmp`` on a 4 MiB float32 weight."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device:
+        return False
+    if a.device.type == "cpu" and a.is_contiguous() and b.is_contiguous():
+        nbytes = a.numel() * a.element_size()
+        if nbytes == 0 or a.data_ptr() == b.data_ptr():
+            return True
+        # The native library only where it is already loaded (an MX pass ran): never built, nor warned about, for
+        # a comparison. Either way the answer is the same.
+        lib = library() if nbytes >= 4 * SMALL and library.cache_info().currsize and enabled() else None
+        if lib is not None:
+            return lib.fewbit_same_bytes(a.data_ptr(), b.data_ptr(), nbytes, torch.get_num_threads()) == 1
+        memcmp = _memcmp()
+        if memcmp is not None:
+            return memcmp(a.data_ptr(), b.data_ptr(), nbytes) == 0
+    if a.is_floating_point() or a.is_complex():
+        a, b = a.view(_INTS[a.element_size()]), b.view(_INTS[b.element_size()])
+    return torch.equal(a, b)
 
 
 def available() -> bool:

@@ -4,9 +4,10 @@ activation products) and ``QAdd`` (residual adds).
 Each keeps its float parameters (same names, same ``state_dict`` keys) and quantizes on the fly by its recipe. In
 eval mode without autograd the quantized weight is cached and recomputed when the weight changes: its version
 counter or storage moves, or its bits differ from the copy the cache was made from (an edit through ``.data``, as
-in ``layer.weight.data.mul_(0)``, bumps no version counter; comparing the bits is one read of the weight, cheaper
-than quantizing it again). ``QMatmul`` and ``QActivation`` (the two input quantizers of a ``QAdd``) have no
-weights: ``quantize_`` converts them by setting their recipe in place.
+in ``layer.weight.data.mul_(0)``, bumps no version counter). The bits are compared exactly on every forward, by one
+C ``memcmp`` of the weight against the copy on the CPU (``fewbit.kernels.native.same_bits``). ``QMatmul`` and
+``QActivation`` (the two input quantizers of a ``QAdd``) have no weights: ``quantize_`` converts them by setting
+their recipe in place.
 
 :class:`QuantizedModule` is the protocol every quantized layer follows (a recipe, :meth:`~QuantizedModule.set_recipe`,
 ``from_float`` / ``to_float``, :meth:`~QuantizedModule.weight_matrix`); :func:`quantized_layers` finds them in a model.
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from fewbit import recipes as _recipes
+from fewbit.kernels import native
 from fewbit.nn import functional as QF
 from fewbit.recipes import Recipe
 from fewbit.scaling import PerTensor
@@ -55,7 +57,7 @@ class QuantizedModule:
         w = self.weight.detach()
         key = (self.weight._version, w.data_ptr(), w.dtype, w.device, w.shape)
         cache = self._weight_cache
-        if cache is None or cache[0] != key or not torch.equal(_bits(w), _bits(cache[1])):
+        if cache is None or cache[0] != key or not native.same_bits(w, cache[1]):
             self._weight_cache = cache = (key, w.clone(), quantize(w))
         return cache[2]
 
@@ -66,12 +68,6 @@ class QuantizedModule:
         state = self.__dict__.copy()
         state["_weight_cache"] = None
         return state
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t``'s bits as integers, so that equality is exact (NaN equals the same NaN, -0 differs from +0)."""
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return t.view(ints[t.element_size()]) if t.is_floating_point() else t
 
 
 def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedModule]]:
