@@ -231,6 +231,25 @@ def test_server_search_brackets_the_highest_valid_qps():
     assert best is None
 
 
+def test_server_search_runs_longer_when_early_stopping_needs_more_queries():
+    """Within the bound but too few queries for the p99 estimate: the same target again with 4x the queries (what
+    LoadGen's summary asks for), not a lower target."""
+    calls = []
+
+    def run(qps, trial, scale=1):
+        calls.append((qps, scale))
+        outcome = _Outcome(scale > 1 and qps <= 150, qps)
+        if not outcome.valid and qps <= 150:  # p99 under the bound, early-stopping estimate not yet
+            outcome.summary = logs.Summary("INVALID", {"Performance constraints satisfied": True,
+                                                       "Early stopping satisfied": False}, [])
+        return outcome
+
+    best, trail = inference.search_server_qps(run, 100.0, trials=6)
+    assert calls[:3] == [(100.0, 1), (100.0, 4), (200.0, 1)]
+    assert best is not None and trail[1]["scale"] == 4 and trail[1]["result"] == "VALID"
+    assert all(scale == 1 for qps, scale in calls if qps > 150)  # over the bound: never lengthened
+
+
 def test_settings_validation_names_the_bad_value():
     with pytest.raises(ValueError, match="scenario='Batch'"):
         S.check_scenario("Batch")

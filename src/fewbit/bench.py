@@ -118,10 +118,14 @@ def run(workload_name: str, scenario: str = "Offline", recipe: str = "fp32", bac
         "mode": mode, "out": str(out),
     }
 
-    def settings(run_mode: str, qps: float | None = None) -> _settings.RunSettings:
+    def settings(run_mode: str, qps: float | None = None, scale: int = 1) -> _settings.RunSettings:
+        duration, queries = min_duration_ms, min_queries
+        if scale > 1 and not official:  # a longer Server trial: more queries for LoadGen's early stopping
+            duration = (duration or _settings.QUICK_MIN_DURATION_MS) * scale
+            queries = (queries or _settings.QUICK_MIN_QUERIES[scenario]) * scale
         return _settings.RunSettings(scenario, run_mode, workload_name, hints, target.server_latency_ms,
-                                     server_target_qps=qps, official=official, min_duration_ms=min_duration_ms,
-                                     min_queries=min_queries)
+                                     server_target_qps=qps, official=official, min_duration_ms=duration,
+                                     min_queries=queries)
 
     def loadgen(run_settings, folder):
         return inference.run_loadgen(workload, samples, be, run_settings, folder, max_batch=batch, max_wait_ms=wait,
@@ -130,7 +134,8 @@ def run(workload_name: str, scenario: str = "Offline", recipe: str = "fp32", bac
     if mode in ("performance", "both"):
         if scenario == "Server" and server_qps is None:
             best, trail = inference.search_server_qps(
-                lambda qps, trial: loadgen(settings("performance", qps), out / "performance" / f"trial-{trial}"),
+                lambda qps, trial, scale=1: loadgen(settings("performance", qps, scale),
+                                                    out / "performance" / f"trial-{trial}"),
                 hints.server_qps, trials=search_trials)
             record["server_search"] = trail
             if best is None:  # nothing VALID: report the lowest target tried, INVALID with LoadGen's reasons

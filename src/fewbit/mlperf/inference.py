@@ -443,24 +443,34 @@ def corrected_hints(outcome: RunOutcome, hints: Hints) -> Hints | None:
     return None
 
 
-def search_server_qps(run: Callable[[float, int], RunOutcome], start_qps: float, trials: int = 6,
-                      precision: float = 0.1) -> tuple[RunOutcome | None, list[dict[str, Any]]]:
+def search_server_qps(run: Callable[..., RunOutcome], start_qps: float, trials: int = 6,
+                      precision: float = 0.1, longer: int = 4) -> tuple[RunOutcome | None, list[dict[str, Any]]]:
     """The highest target QPS whose Server run is VALID: doubling from ``start_qps`` until a run is INVALID (or
     halving until one is VALID), then bisecting, at most ``trials`` runs, stopping when the bracket is within
-    ``precision`` (relative). ``run(qps, trial)`` does one run. Returns the best VALID outcome (None if none was)
-    and every trial's (qps, result, metric)."""
+    ``precision`` (relative). ``run(qps, trial)`` does one run. A run whose latencies are within the bound but
+    whose queries are too few for LoadGen's early-stopping estimate (its p99 close to the bound) is run again at the
+    same target with ``longer`` times the queries and duration, ``run(qps, trial, longer)``, once per target: more
+    queries, not a lower target, is what LoadGen asks for. Returns the best VALID outcome (None if none was) and
+    every trial's (qps, result, metric, scale)."""
     best: RunOutcome | None = None
     low, high = 0.0, None
-    qps, trail = start_qps, []
+    qps, trail, scale = start_qps, [], 1
     for trial in range(trials):
-        outcome = run(qps, trial)
+        outcome = run(qps, trial) if scale == 1 else run(qps, trial, scale)
         trail.append({"target_qps": qps, "result": outcome.summary.result,
                       "metric": logs.scenario_metric("Server", outcome.detail)[1],
-                      "p99_ms": outcome.detail.latencies_ns().get("p99", float("nan")) / 1e6})
+                      "p99_ms": outcome.detail.latencies_ns().get("p99", float("nan")) / 1e6, "scale": scale})
+        checks = outcome.summary.checks
+        within = checks.get("Performance constraints satisfied", False)
+        if not outcome.valid and within and checks.get("Early stopping satisfied") is False and scale == 1 \
+                and longer > 1:
+            scale = longer  # the same target again, longer
+            continue
+        scale = 1
         if outcome.valid:
             low = qps
             best = outcome
-        elif outcome.summary.checks.get("Performance constraints satisfied", False):
+        elif within:
             low = max(low, qps)  # within the bound but too short (max duration): a low target, not a high one
         else:
             high = qps
