@@ -130,9 +130,12 @@ def _calibrate(model: nn.Module, names: list[str], batches: Iterable, forward_fn
     hooks = []
 
     def hook(name):
+        module = model.get_submodule(name)
+        channels_last = isinstance(module, nn.Linear) or is_transposed(module)  # once, not on every forward
+
         def record(module, inputs):
             x = inputs[0].detach().float()
-            channels = x.dim() - 1 if isinstance(module, nn.Linear) or is_transposed(module) else 1
+            channels = x.dim() - 1 if channels_last else 1
             dims = [d for d in range(x.dim()) if d != channels]
             s = x.square().sum(dims)
             sums[name] = sums[name] + s if name in sums else s
