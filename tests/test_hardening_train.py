@@ -325,6 +325,49 @@ def test_eval_weight_cache_sees_a_one_bit_edit_anywhere(recipe):
         assert torch.equal(model(x).view(torch.int32), fresh(x).view(torch.int32))
 
 
+@pytest.mark.parametrize("recipe", ["mxfp8", "int8"])
+def test_frozen_weights_trusts_the_cache_sees_tracked_writes_and_checks_the_bits_again_after(recipe):
+    import fewbit
+    from fewbit.nn import frozen_weights
+
+    torch.manual_seed(0)
+    model = fewbit.quantize_(nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)), recipe).eval()
+    layer, x = model[0], torch.randn(4, 64)
+    calls = []
+    quantized_weight = layer.quantized_weight
+    layer.quantized_weight = lambda w: calls.append(1) or quantized_weight(w)
+    with torch.no_grad():
+        exact = model(x)
+        calls.clear()
+        with frozen_weights(model):
+            for _ in range(3):
+                assert torch.equal(model(x).view(torch.int32), exact.view(torch.int32))
+            assert calls == []  # the cache made before the block is served, its bits not compared
+            layer.weight.mul_(0.5)  # a tracked in-place write bumps the version counter: seen
+            halved = model(x)
+            assert len(calls) == 1 and not torch.equal(halved, exact)
+            layer.weight.data.mul_(2.0)  # untracked: not seen inside the block, as documented
+            assert torch.equal(model(x), halved) and len(calls) == 1
+        # After the block: a cache made inside it (no copy of the weight to compare with) is made again.
+        assert torch.equal(model(x).view(torch.int32), exact.view(torch.int32))
+        assert len(calls) == 2
+        layer.weight.data.mul_(0.5)  # and the bits are compared again
+        assert torch.equal(model(x), halved) and len(calls) == 3
+        with pytest.raises(KeyError), frozen_weights(model), frozen_weights(model):
+            raise KeyError("inside")
+        assert not any(m.__dict__.get("_weights_frozen") for m in model)  # restored through nesting and the error
+
+
+def test_evaluations_run_with_frozen_weights():
+    import fewbit
+    from fewbit.workloads.base import evaluating
+
+    model = fewbit.quantize_(nn.Sequential(nn.Linear(16, 8)), "mxfp8").train()
+    with evaluating(model):
+        assert model[0].__dict__["_weights_frozen"] and not model.training and not torch.is_grad_enabled()
+    assert not model[0].__dict__["_weights_frozen"] and model.training
+
+
 # ---- 10. tied weights counted once; layer_recipes patterns that match nothing ----------------------------------
 
 

@@ -60,9 +60,12 @@ def test_every_scenario_is_valid(tiny, tmp_path, scenario, backend_name):
     backend = backends.build(backend_name, workload, model)
     hints = inference.measure_hints(workload, samples, backend, 16)
     queries = {"SingleStream": 64, "MultiStream": 662, "Server": 662, "Offline": 64}[scenario]
-    settings = _settings(scenario, hints=hints, min_queries=queries, server_target_qps=400.0)
-    out = inference.run_loadgen(workload, samples, backend, settings, tmp_path, max_batch=16 if scenario in
-                                ("Server", "Offline") else 8, max_wait_ms=2.0)
+    for _ in range(3):  # as fewbit bench does: a run that ended early because the warm-up guessed slow runs again
+        settings = _settings(scenario, hints=hints, min_queries=queries, server_target_qps=400.0)
+        out = inference.run_loadgen(workload, samples, backend, settings, tmp_path, max_batch=16 if scenario in
+                                    ("Server", "Offline") else 8, max_wait_ms=2.0)
+        if (hints := inference.corrected_hints(out, hints)) is None:
+            break
     record = out.record()
     assert record["result"] == "VALID", record["reasons"]
     assert record["valid"] is True and record["errors"] == 0

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from fewbit import recipes as _recipes
+from fewbit.nn import frozen_weights
 from fewbit.recipes import Recipe
 from fewbit.workloads.base import Model, Workload
 
@@ -58,8 +59,10 @@ class Backend:
 
     @contextlib.contextmanager
     def running(self):
-        """``context()`` plus no autograd: what evaluation and the harness's workers run the model under."""
-        with torch.no_grad(), self.context():
+        """``context()`` plus no autograd and frozen quantized weights (:func:`fewbit.nn.frozen_weights`): what
+        evaluation and the harness's workers run the model under."""
+        frozen = frozen_weights(self.model) if isinstance(self.model, torch.nn.Module) else contextlib.nullcontext()
+        with torch.no_grad(), self.context(), frozen:
             yield
 
 

@@ -23,10 +23,11 @@ from fewbit.nn.modules import (
     QLinear,
     QMatmul,
     QuantizedModule,
+    frozen_weights,
     quantized_layers,
 )
 
 __all__ = ["LayerRow", "ModelSummary", "QActivation", "QAdd", "QConv1d", "QConv2d", "QLinear", "QMatmul",
-           "QuantizedModule", "conversion_for", "dequantize_", "fold_batchnorm_", "mark_skipped", "quantize_",
-           "quantized_layers", "register_conversion", "replace_module", "skipped_layers", "summary",
+           "QuantizedModule", "conversion_for", "dequantize_", "fold_batchnorm_", "frozen_weights", "mark_skipped",
+           "quantize_", "quantized_layers", "register_conversion", "replace_module", "skipped_layers", "summary",
            "weight_bytes"]

@@ -5,7 +5,11 @@ Each keeps its float parameters (same names, same ``state_dict`` keys) and quant
 eval mode without autograd the quantized weight is cached and recomputed when the weight changes: its version
 counter or storage moves, or its bits differ from the copy the cache was made from (an edit through ``.data``, as
 in ``layer.weight.data.mul_(0)``, bumps no version counter). The bits are compared exactly on every forward, by one
-C ``memcmp`` of the weight against the copy on the CPU (``fewbit.kernels.native.same_bits``). ``QMatmul`` and
+C ``memcmp`` of the weight against the copy on the CPU (``fewbit.kernels.native.same_bits``). That comparison reads
+the weight twice over, on every forward: on the 4 x 1024 MLP of ``benchmarks.bench_train_step`` it is two thirds
+of what an MXFP8 eval forward costs beyond FP32. Inside :func:`frozen_weights` (fewbit's own evaluations run there:
+``Workload.evaluate``, ``fewbit.study``, the LoadGen backends) the bits are not compared, only the version counter
+and the storage: an evaluation loop that owns the model changes no weight behind autograd's back. ``QMatmul`` and
 ``QActivation`` (the two input quantizers of a ``QAdd``) have no weights: ``quantize_`` converts them by setting
 their recipe in place.
 
@@ -15,6 +19,7 @@ their recipe in place.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -57,8 +62,10 @@ class QuantizedModule:
         w = self.weight.detach()
         key = (self.weight._version, w.data_ptr(), w.dtype, w.device, w.shape)
         cache = self._weight_cache
-        if cache is None or cache[0] != key or not native.same_bits(w, cache[1]):
-            self._weight_cache = cache = (key, w.clone(), quantize(w))
+        frozen = self.__dict__.get("_weights_frozen", False)
+        # A cache made inside frozen_weights keeps no copy of the weight, so outside it is remade once, then checked.
+        if cache is None or cache[0] != key or not (frozen or (cache[1] is not None and native.same_bits(w, cache[1]))):
+            self._weight_cache = cache = (key, None if frozen else w.clone(), quantize(w))
         return cache[2]
 
     def extra_repr(self) -> str:
@@ -67,6 +74,7 @@ class QuantizedModule:
     def __getstate__(self):  # deepcopy / pickle: the cache is derived, drop it
         state = self.__dict__.copy()
         state["_weight_cache"] = None
+        state.pop("_weights_frozen", None)
         return state
 
 
@@ -76,6 +84,25 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedModule]]:
     for name, module in model.named_modules():
         if isinstance(module, QuantizedModule):
             yield name, module
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the eval-mode weight cache of every quantized layer in ``model`` trusts the weight's version
+    counter and storage and skips the exact comparison of its bits: what an evaluation loop that owns the model
+    wants (no weight changes while it runs, or only through tracked in-place ops such as ``load_state_dict`` and
+    optimizer steps, which bump the version counter and are still seen). A write the version counter does not see
+    (through ``.data``, numpy or the raw storage) made inside the block is not seen by the cache until the block
+    ends; after it every layer checks its bits again. Nests; the previous state comes back on exit, also on error."""
+    layers = [m for _, m in quantized_layers(model) if getattr(m, "weight", None) is not None]
+    before = [m.__dict__.get("_weights_frozen", False) for m in layers]
+    for m in layers:
+        m.__dict__["_weights_frozen"] = True
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.__dict__["_weights_frozen"] = was
 
 
 class QLinear(QuantizedModule, nn.Linear):
@@ -129,7 +156,7 @@ class _QConvNd(QuantizedModule):
     def to_float(self):
         conv = self._float_cls.__new__(self._float_cls)
         conv.__dict__.update({k: v for k, v in self.__dict__.items()
-                              if k not in ("recipe", "_state", "_weight_cache")})
+                              if k not in ("recipe", "_state", "_weight_cache", "_weights_frozen")})
         return conv
 
     def weight_matrix(self) -> torch.Tensor:

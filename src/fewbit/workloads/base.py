@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fewbit.nn import frozen_weights
+
 
 class DataError(RuntimeError):
     """A data source is missing, broken or cannot be produced here; the message names the fix."""
@@ -414,12 +416,15 @@ def model_device(model: Model) -> torch.device:
 
 @contextlib.contextmanager
 def evaluating(model: Model) -> Iterator[None]:
-    """No autograd and, for a module, eval mode; the module's own mode comes back afterwards (also on error)."""
+    """No autograd and, for a module, eval mode with its quantized weights frozen (:func:`fewbit.nn.frozen_weights`:
+    their cached quantized forms are trusted while the evaluation runs); the module's own mode comes back afterwards
+    (also on error)."""
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.eval()
+    frozen = frozen_weights(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), frozen:
             yield
     finally:
         if was_training:
