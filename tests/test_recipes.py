@@ -14,7 +14,7 @@ ALL = recipes.names(include_training=True)
 
 # What `fewbit study` evaluates, in its order: pinned, a study's tables and cached runs depend on it.
 STUDY = ["fp32", "bf16", "fp16", "fp8", "fp8_current", "mxfp8", "mxfp6", "mxfp6_e3m2", "mxfp6_e2m3", "mxfp4",
-         "mxfp4_a8", "mxint8", "int8", "w4a16"]
+         "mxfp4_a8", "mxfp4_a4", "mxint8", "int8", "w4a16"]
 
 
 def test_study_names_unchanged_and_training_presets_listed_after_them():

@@ -168,6 +168,7 @@ _STUDY: dict[str, Recipe] = {
         _preset("mxfp6_e2m3", weight="mxfp6_e2m3", input="mxfp6_e2m3", grad_output="mxfp6_e2m3"),
         _preset("mxfp4", weight="mxfp4_e2m1", input="mxfp6_e2m3", grad_output="mxfp8_e5m2"),
         _preset("mxfp4_a8", weight="mxfp4_e2m1", input="mxfp8_e4m3", grad_output="mxfp8_e5m2"),
+        _preset("mxfp4_a4", weight="mxfp4_e2m1", input="mxfp4_e2m1", grad_output="mxfp8_e5m2"),
         _preset("mxint8", weight="mxint8", input="mxint8", grad_output="mxint8"),
         _preset("int8", weight="int8_channel", input="int8_tensor"),
         _preset("w4a16", weight="int4_group128", compute_format="bf16"),
