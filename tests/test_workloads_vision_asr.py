@@ -21,6 +21,8 @@ ASR = ["train_utterances=24", "valid_utterances=6", "test_utterances=6", "width=
 PINNED_STEPS = {"resnet": 4, "mobilenet_v2": 2}
 VISION_LOSSES = {"resnet": [2.298271656036377, 2.2996203899383545, 2.275831937789917, 2.293743848800659],
                  "mobilenet_v2": [2.323641777038574, 2.463618755340576, 2.62648868560791, 2.570903778076172]}
+# The asr losses were pinned on an AMD EPYC (AVX2); an Intel Xeon (AVX-512) agrees on the first two to 3e-7 and
+# is 1.6e-4 and 1.7e-4 apart (relative) at the third and fourth steps, so those two are held to 1e-3.
 ASR_LOSSES = [11.70105266571045, 11.290493965148926, 11.837072372436523, 9.157681465148926]
 
 needs_fashion = pytest.mark.skipif(images.available_source() != "fashion-mnist",
@@ -73,7 +75,9 @@ def test_vision_truncated_dataset_names_the_fix(tmp_path, monkeypatch, capsys):
 def test_asr_trains_with_pinned_losses_evaluates_and_studies(tmp_path, capsys):
     out = tmp_path / "asr"
     assert main(["train", "asr", "--out", str(out), "--quiet", *ASR]) == 0
-    assert _losses(out) == pytest.approx(ASR_LOSSES, rel=1e-4)
+    losses = _losses(out)
+    assert losses[:2] == pytest.approx(ASR_LOSSES[:2], rel=1e-4) and losses[2:] == pytest.approx(ASR_LOSSES[2:],
+                                                                                                   rel=1e-3)
     record = json.loads((out / "run.json").read_text())
     assert record["data"]["engine"] == "espeak-ng" and record["data"]["test_utterances"] == 6
     assert record["valid"]["utterances"] == 6
