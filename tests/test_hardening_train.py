@@ -366,6 +366,8 @@ def test_evaluations_run_with_frozen_weights():
     with evaluating(model):
         assert model[0].__dict__["_weights_frozen"] and not model.training and not torch.is_grad_enabled()
     assert not model[0].__dict__["_weights_frozen"] and model.training
+    with evaluating(abs):  # a callable that is not a module: no mode, no cache, nothing to freeze
+        assert not torch.is_grad_enabled()
 
 
 # ---- 10. tied weights counted once; layer_recipes patterns that match nothing ----------------------------------

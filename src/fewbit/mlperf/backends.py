@@ -61,8 +61,7 @@ class Backend:
     def running(self):
         """``context()`` plus no autograd and frozen quantized weights (:func:`fewbit.nn.frozen_weights`): what
         evaluation and the harness's workers run the model under."""
-        frozen = frozen_weights(self.model) if isinstance(self.model, torch.nn.Module) else contextlib.nullcontext()
-        with torch.no_grad(), self.context(), frozen:
+        with torch.no_grad(), self.context(), frozen_weights(self.model):
             yield
 
 

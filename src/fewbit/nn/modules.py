@@ -87,14 +87,16 @@ def quantized_layers(model: nn.Module) -> Iterator[tuple[str, QuantizedModule]]:
 
 
 @contextlib.contextmanager
-def frozen_weights(model: nn.Module) -> Iterator[nn.Module]:
+def frozen_weights(model: object) -> Iterator[object]:
     """Within the block, the eval-mode weight cache of every quantized layer in ``model`` trusts the weight's version
     counter and storage and skips the exact comparison of its bits: what an evaluation loop that owns the model
     wants (no weight changes while it runs, or only through tracked in-place ops such as ``load_state_dict`` and
     optimizer steps, which bump the version counter and are still seen). A write the version counter does not see
     (through ``.data``, numpy or the raw storage) made inside the block is not seen by the cache until the block
-    ends; after it every layer checks its bits again. Nests; the previous state comes back on exit, also on error."""
-    layers = [m for _, m in quantized_layers(model) if getattr(m, "weight", None) is not None]
+    ends; after it every layer checks its bits again. Nests; the previous state comes back on exit, also on error.
+    A model that is not an ``nn.Module`` (a plain callable, an onnxruntime session) has no cache: nothing changes."""
+    modules = quantized_layers(model) if isinstance(model, nn.Module) else ()
+    layers = [m for _, m in modules if getattr(m, "weight", None) is not None]
     before = [m.__dict__.get("_weights_frozen", False) for m in layers]
     for m in layers:
         m.__dict__["_weights_frozen"] = True

@@ -422,9 +422,8 @@ def evaluating(model: Model) -> Iterator[None]:
     was_training = isinstance(model, nn.Module) and model.training
     if isinstance(model, nn.Module):
         model.eval()
-    frozen = frozen_weights(model) if isinstance(model, nn.Module) else contextlib.nullcontext()
     try:
-        with torch.no_grad(), frozen:
+        with torch.no_grad(), frozen_weights(model):
             yield
     finally:
         if was_training:
