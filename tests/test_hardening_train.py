@@ -368,6 +368,12 @@ def test_evaluations_run_with_frozen_weights():
     assert not model[0].__dict__["_weights_frozen"] and model.training
     with evaluating(abs):  # a callable that is not a module: no mode, no cache, nothing to freeze
         assert not torch.is_grad_enabled()
+    from fewbit.mlperf.backends import Backend
+
+    backend = Backend("torch", model.eval(), "mxfp8", "a LoadGen worker's model")
+    with backend.running():  # what each SUT worker thread runs the model under
+        assert model[0].__dict__["_weights_frozen"] and not torch.is_grad_enabled()
+    assert not model[0].__dict__["_weights_frozen"]
 
 
 # ---- 10. tied weights counted once; layer_recipes patterns that match nothing ----------------------------------
